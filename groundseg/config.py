@@ -1,0 +1,207 @@
+"""Configs (plain dataclasses, JSON round-trip) and the named presets.
+
+A config says what to build; weights come from elsewhere (``hub.py``). Every dimension that differs between
+the official checkpoints lives here, so a preset with real sizes can be built on the ``meta`` device and its
+tensor names and shapes compared with the released checkpoints without allocating memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class VisionConfig:
+    """CLIP vision tower: ``clip`` holds ``transformers.CLIPVisionConfig`` keyword arguments.
+
+    ``pretrained`` names where real weights come from (a folder or hub id) when the checkpoint does not store
+    them (LISA and GLaMM never store CLIP)."""
+
+    clip: dict[str, Any]
+    select_layer: int = -2
+    select_feature: str = "patch"  # "patch" drops CLS; "cls_patch" keeps it
+    pretrained: str | None = None
+
+    @property
+    def image_size(self) -> int:
+        return int(self.clip["image_size"])
+
+    @property
+    def num_patches(self) -> int:
+        n = (self.image_size // int(self.clip["patch_size"])) ** 2
+        return n if self.select_feature == "patch" else n + 1
+
+
+@dataclass
+class SamConfig:
+    """segment-anything ``Sam`` build arguments (the same ones ``build_sam._build_sam`` takes, plus the encoder
+    head count and window size that the package hard-codes per variant)."""
+
+    encoder_embed_dim: int = 1280
+    encoder_depth: int = 32
+    encoder_num_heads: int = 16
+    encoder_global_attn_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    image_size: int = 1024
+    vit_patch_size: int = 16
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
+
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // self.vit_patch_size
+
+
+SAM_VARIANTS: dict[str, dict[str, Any]] = {
+    "vit_h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16,
+                  encoder_global_attn_indexes=(7, 15, 23, 31)),
+    "vit_l": dict(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
+                  encoder_global_attn_indexes=(5, 11, 17, 23)),
+    "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                  encoder_global_attn_indexes=(2, 5, 8, 11)),
+    # The size of the official LISA parity fixture: 64-pixel input, 4x4 embedding, 32 channels.
+    "tiny": dict(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
+                 image_size=64, window_size=3, prompt_embed_dim=32, decoder_mlp_dim=64, iou_head_hidden_dim=32),
+}
+
+
+def sam_config(variant: str) -> SamConfig:
+    """SAM config for ``vit_h``/``vit_l``/``vit_b``/``tiny``."""
+    if variant not in SAM_VARIANTS:
+        raise KeyError(f"unknown SAM variant {variant!r}; expected one of {sorted(SAM_VARIANTS)}")
+    return SamConfig(**SAM_VARIANTS[variant])
+
+
+@dataclass
+class LossConfig:
+    """LISA's loss weights (reference/lisa.md §3.1) and Dice constants."""
+
+    ce_weight: float = 1.0
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+    dice_scale: float = 1000.0
+    dice_eps: float = 1e-6
+
+
+@dataclass
+class LisaConfig:
+    """Everything needed to build a LISA-family model (LLaVA v1 + SAM + ``text_hidden_fcs``)."""
+
+    family: str = "lisa"
+    preset: str | None = None
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(clip={}))
+    projector: str = "linear"  # "linear" (LISA) or "mlp2x_gelu" (LLaVA-1.5 / GLaMM)
+    llm: dict[str, Any] = field(default_factory=dict)  # a transformers config dict with "model_type"
+    sam: SamConfig = field(default_factory=SamConfig)
+    out_dim: int = 256
+    # Image preprocessing for the vision tower: shortest side -> size (bicubic), centre crop, CLIP mean/std.
+    clip_mean: tuple[float, float, float] = CLIP_MEAN
+    clip_std: tuple[float, float, float] = CLIP_STD
+    conversation: str = "llava_v1"
+    system: str = LLAVA_V1_SYSTEM
+    use_im_start_end: bool = True
+    # How prompts become ids: "lisa" reproduces the pinned transformers-4.31 slow LLaMA tokenizer that the
+    # official checkpoints were trained with (see grounding/conversation.py); "plain" is the tokenizer as is.
+    tokenization: str = "lisa"
+    losses: LossConfig = field(default_factory=LossConfig)
+    # Where official weights come from for a preset (hub id or folder); None for presets built from scratch.
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LisaConfig":
+        d = copy.deepcopy(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config.json: unknown field(s) {unknown} for family {d.get('family')!r}")
+        if "vision" in d:
+            d["vision"] = VisionConfig(**d["vision"])
+        if "sam" in d:
+            sam = d["sam"]
+            sam["encoder_global_attn_indexes"] = tuple(sam.get("encoder_global_attn_indexes", ()))
+            for k in ("pixel_mean", "pixel_std"):
+                if k in sam:
+                    sam[k] = tuple(sam[k])
+            d["sam"] = SamConfig(**sam)
+        if "losses" in d:
+            d["losses"] = LossConfig(**d["losses"])
+        for k in ("clip_mean", "clip_std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+CLIP_VIT_L14_224 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+                        layer_norm_eps=1e-5)
+
+
+def _llama(vocab_size: int, hidden: int, inter: int, layers: int, heads: int, rms_eps: float, max_pos: int,
+           **extra: Any) -> dict[str, Any]:
+    return dict(model_type="llama", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                rms_norm_eps=rms_eps, max_position_embeddings=max_pos, hidden_act="silu",
+                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+
+
+def _lisa_7b() -> LisaConfig:
+    return LisaConfig(
+        preset="lisa-7b", checkpoint="xinlai/LISA-7B-v1",
+        vision=VisionConfig(clip=dict(CLIP_VIT_L14_224), pretrained="openai/clip-vit-large-patch14"),
+        llm=_llama(32004, 4096, 11008, 32, 32, 1e-6, 2048), sam=sam_config("vit_h"))
+
+
+def _lisa_13b() -> LisaConfig:
+    return LisaConfig(
+        preset="lisa-13b", checkpoint="xinlai/LISA-13B-llama2-v1",
+        vision=VisionConfig(clip=dict(CLIP_VIT_L14_224), pretrained="openai/clip-vit-large-patch14"),
+        llm=_llama(32003, 5120, 13824, 40, 40, 1e-5, 4096), sam=sam_config("vit_h"))
+
+
+def _lisa_tiny() -> LisaConfig:
+    # The dimensions of the official parity fixture (../shared/parity/lisa_tiny), with our own shipped
+    # tokenizer (its vocabulary size is filled in by hub.py from the tokenizer files).
+    return LisaConfig(
+        preset="lisa-tiny",
+        vision=VisionConfig(clip=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=2, image_size=64, patch_size=4, projection_dim=16,
+                                      hidden_act="quick_gelu", layer_norm_eps=1e-5)),
+        llm=_llama(0, 64, 128, 2, 4, 1e-6, 2048),
+        sam=sam_config("tiny"), out_dim=32, tokenization="plain")
+
+
+PRESETS = {"lisa-7b": _lisa_7b, "lisa-13b": _lisa_13b, "lisa-tiny": _lisa_tiny}
+
+
+def preset_config(name: str) -> LisaConfig:
+    """A fresh config for a named preset (KeyError naming the known presets otherwise)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()

@@ -1,0 +1,284 @@
+"""LISA: a LLaVA v1 model whose ``[SEG]`` tokens prompt SAM (reference/lisa.md).
+
+Three paths share the parts:
+
+* :meth:`LisaModel.segment` -- chat: greedy KV-cache generation, then one mask per ``[SEG]`` (and per ``<box>``) in
+  the answer, every prompt of an image decoded in one SAM call.
+* :meth:`LisaModel.segment_teacher_forced` -- LISA's evaluation: the answer is fixed to ``"[SEG]."`` and all
+  expressions of an image go through the LLM in one batched forward.
+* :meth:`LisaModel.forward` -- training: LISA's CE + BCE + Dice losses on a collated batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..config import LisaConfig
+from ..decoders.projector import TextHiddenProjector
+from ..decoders.sam import SamDecoder
+from ..io import InputError, load_image, masks_to_boxes_xyxy
+from ..result import Result
+from ..train.losses import mask_losses, token_ce
+from .conversation import Conversation, PromptTokenizer, image_question
+from .tokens import SEG, parse_boxes, token_id
+from .vlm import VisionLanguageModel
+
+EVAL_QUESTION = "What is {} in this image? Please output segmentation mask."
+EVAL_ANSWER = "[SEG]."
+
+
+@dataclass
+class PreparedImage:
+    """One image, preprocessed for both encoders. ``clip`` (3, s, s); ``sam`` (3, S, S); sizes are (h, w)."""
+
+    rgb: np.ndarray
+    clip: torch.Tensor
+    sam: torch.Tensor
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+@dataclass
+class LisaBatch:
+    """A collated training/eval batch (LISA's ``collate_fn`` layout).
+
+    ``input_ids``/``labels`` (B_conv, L) with one ``<image>`` (-200) per row, right-padded; ``clip_pixel_values``
+    (B_img, 3, s, s); ``sam_pixel_values`` (B_img, 3, S, S); ``offset`` (B_img + 1,) conversation boundaries
+    per image; ``gt_masks`` one (n_i, H_i, W_i) tensor per image, n_i = number of ``[SEG]`` in its conversations.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    clip_pixel_values: torch.Tensor
+    sam_pixel_values: torch.Tensor
+    offset: torch.Tensor
+    input_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+    gt_masks: list[torch.Tensor]
+
+
+class LisaModel(nn.Module):
+    """LISA = :class:`VisionLanguageModel` + :class:`TextHiddenProjector` + :class:`SamDecoder`.
+
+    Parameter names: ``vlm.vision_tower.*`` (CLIP), ``vlm.projector.*``, ``vlm.language_model.*``,
+    ``seg_projector.text_hidden_fcs.*``, ``sam.sam.*`` (segment-anything ``Sam``)."""
+
+    family = "lisa"
+
+    def __init__(self, config: LisaConfig, tokenizer):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vlm = VisionLanguageModel(config.vision, config.projector, config.llm)
+        self.seg_projector = TextHiddenProjector(self.vlm.hidden_size, config.out_dim)
+        self.sam = SamDecoder(config.sam)
+        if config.out_dim != config.sam.prompt_embed_dim:
+            raise ValueError(f"out_dim {config.out_dim} != SAM prompt_embed_dim {config.sam.prompt_embed_dim}")
+        self.conversation = Conversation(config.system)
+        self.prompt_tokenizer = PromptTokenizer(tokenizer, config.tokenization)
+        self.seg_token_id = token_id(tokenizer, SEG)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+        self.eos_id = tokenizer.eos_token_id
+        if len(tokenizer) > config.llm["vocab_size"]:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the LLM vocab_size is "
+                             f"{config.llm['vocab_size']}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.seg_projector.text_hidden_fcs[0][0].weight.device
+
+    # ------------------------------------------------------------------------------------------ images
+
+    def clip_preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, s, s): shortest side to s (PIL bicubic), centre crop, /255, CLIP mean/std --
+        what LISA's pinned ``CLIPImageProcessor`` did (transformers 5's default processor resizes with
+        torchvision instead, which moves pixels by a few levels)."""
+        s = self.config.vision.image_size
+        h, w = rgb.shape[:2]
+        short, long = (h, w) if h <= w else (w, h)
+        new_long = int(s * long / short)
+        size = (s, new_long) if h <= w else (new_long, s)  # (h, w)
+        img = Image.fromarray(rgb).resize((size[1], size[0]), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32)
+        top, left = (size[0] - s) // 2, (size[1] - s) // 2
+        arr = arr[top:top + s, left:left + s] * (1 / 255)
+        arr = (arr - np.array(self.config.clip_mean, np.float32)) / np.array(self.config.clip_std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def prepare_image(self, image) -> PreparedImage:
+        rgb = load_image(image)
+        sam, input_size = self.sam.preprocess(rgb)
+        return PreparedImage(rgb, self.clip_preprocess(rgb), sam, input_size, rgb.shape[:2])
+
+    # ------------------------------------------------------------------------------------------ prompts
+
+    def chat_prompt(self, question: str) -> str:
+        """The llava_v1 prompt with an open assistant turn."""
+        return self.conversation.prompt([(image_question(question, self.config.use_im_start_end), None)])
+
+    def _embed_batch(self, id_lists: list[list[int]], image_features: torch.Tensor, left_pad: bool):
+        """Pad id lists (left or right), splice image features (B, N, H) -> Embedded."""
+        length = max(len(x) for x in id_lists)
+        rows = []
+        for ids in id_lists:
+            pad = [self.pad_id] * (length - len(ids))
+            rows.append(pad + ids if left_pad else ids + pad)
+        input_ids = torch.tensor(rows, device=self.device)
+        return self.vlm.embed(input_ids, image_features, self.pad_id)
+
+    def _seg_states(self, token_ids: torch.Tensor, states: torch.Tensor) -> list[torch.Tensor]:
+        """Per row, the last-layer states that feed the mask decoder, one per ``[SEG]``.
+
+        LISA uses the state at the position BEFORE each ``[SEG]``: the state whose logits predicted ``[SEG]``.
+        Its released weights learnt ``text_hidden_fcs`` on exactly that state (the training mask is
+        ``input_ids[:, 1:] == [SEG]`` laid over unshifted hidden states, reference/lisa.md §1.6), so any other
+        choice gives different masks from the same checkpoint."""
+        out = []
+        for r in range(token_ids.shape[0]):
+            pos = (token_ids[r] == self.seg_token_id).nonzero().flatten()
+            pos = pos[pos > 0] - 1
+            out.append(states[r, pos])
+        return out
+
+    # ------------------------------------------------------------------------------------------ chat
+
+    @torch.no_grad()
+    def segment(self, images, prompts: str | Sequence[str], max_new_tokens: int = 128,
+                boxes: Sequence | None = None) -> list[Result]:
+        """Ground each (image, prompt) pair.
+
+        ``images``: one image (path, array or PIL) or a list; ``prompts``: one string or a list. One image with
+        many prompts encodes the image once; one prompt with many images applies it to each; two lists pair up.
+        Returns one :class:`Result` per pair, masks at the image's original size."""
+        if boxes:
+            raise InputError(f"the {self.family} family has no region encoder, so it cannot take box prompts "
+                             "(--box); use a GLaMM model")
+        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(image_list) == 1:
+            pairs = [(0, p) for p in prompt_list]
+        elif len(prompt_list) == 1:
+            pairs = [(i, prompt_list[0]) for i in range(len(image_list))]
+        elif len(prompt_list) == len(image_list):
+            pairs = list(enumerate(prompt_list))
+        else:
+            raise InputError(f"{len(image_list)} images and {len(prompt_list)} prompts: give one prompt, "
+                             "one image, or as many prompts as images")
+        for _, p in pairs:
+            if not p or not p.strip():
+                raise InputError("prompt is empty: expected a sentence describing what to segment")
+        prepared = [self.prepare_image(im) for im in image_list]
+        clip = torch.stack([p.clip for p in prepared]).to(self.device)
+        image_features = self.vlm.encode_images(clip)  # (I, N, H), once per image
+        sam_embeddings = self.sam.encode(torch.stack([p.sam for p in prepared]).to(self.device))
+
+        id_lists = [self.prompt_tokenizer(self.chat_prompt(p)) for _, p in pairs]
+        feats = image_features[[i for i, _ in pairs]]
+        emb = self._embed_batch(id_lists, feats, left_pad=True)
+        gen = self.vlm.generate(emb.inputs_embeds, emb.attention_mask, emb.token_ids, max_new_tokens,
+                                self.eos_id, self.pad_id)
+        seg_states = self._seg_states(gen.token_ids, gen.hidden_states)
+        answers = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.new_tokens]
+
+        results: list[Result | None] = [None] * len(pairs)
+        for img_idx, prep in enumerate(prepared):
+            members = [k for k, (i, _) in enumerate(pairs) if i == img_idx]
+            if not members:
+                continue
+            results_for = self._decode_image(prep, sam_embeddings[img_idx:img_idx + 1],
+                                             [seg_states[k] for k in members], [answers[k] for k in members])
+            for k, res in zip(members, results_for):
+                results[k] = res
+        return results
+
+    def _decode_image(self, prep: PreparedImage, sam_embedding: torch.Tensor, seg_states: list[torch.Tensor],
+                      answers: list[str]) -> list[Result]:
+        """All [SEG] and <box> prompts of every answer about one image, in one mask-decoder call."""
+        h, w = prep.original_size
+        text_embeds = [self.seg_projector(s) for s in seg_states]
+        answer_boxes = [parse_boxes(a, (h, w)) for a in answers]
+        n_seg = [len(t) for t in text_embeds]
+        n_box = [len(b) for b in answer_boxes]
+        logits = torch.zeros(0, h, w)
+        if sum(n_seg) + sum(n_box):
+            boxes = None
+            if sum(n_box):
+                xyxy = torch.tensor([b.box for bs in answer_boxes for b in bs], device=self.device)
+                boxes = self.sam.box_to_input_frame(xyxy, prep.original_size)
+            low_res, _ = self.sam.decode(sam_embedding, torch.cat(text_embeds) if sum(n_seg) else None, boxes)
+            logits = self.sam.postprocess(low_res, prep.input_size, prep.original_size)[:, 0].cpu()
+        seg_logits, box_logits = logits[:sum(n_seg)].split(n_seg), logits[sum(n_seg):].split(n_box)
+        out = []
+        for answer, sl, bl, bs in zip(answers, seg_logits, box_logits, answer_boxes):
+            both = torch.cat([sl, bl])
+            phrases = [None] * len(sl) + [b.phrase for b in bs]
+            sources = ["seg"] * len(sl) + ["box"] * len(bs)
+            out.append(make_result(answer, both, phrases, sources))
+        return out
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def segment_teacher_forced(self, image, expressions: Sequence[str], question: str = EVAL_QUESTION,
+                               answer: str = EVAL_ANSWER) -> torch.Tensor:
+        """LISA's evaluation path: one forward for all ``expressions`` of one image, answer fixed to
+        ``"[SEG]."``. Returns (E, H, W) float32 mask logits at the original size."""
+        prep = self.prepare_image(image)
+        feats = self.vlm.encode_images(prep.clip[None].to(self.device))
+        prompts = [self.conversation.prompt([(image_question(question.format(e), self.config.use_im_start_end),
+                                              answer)]) for e in expressions]
+        emb = self._embed_batch([self.prompt_tokenizer(p) for p in prompts],
+                                feats.expand(len(prompts), -1, -1), left_pad=False)
+        states, _ = self.vlm.run(emb.inputs_embeds, emb.attention_mask)
+        seg = self._seg_states(emb.token_ids, states)
+        if any(len(s) != 1 for s in seg):
+            raise ValueError("each teacher-forced answer must contain exactly one [SEG]")
+        sam_emb = self.sam.encode(prep.sam[None].to(self.device))
+        low_res, _ = self.sam.decode(sam_emb, self.seg_projector(torch.cat(seg)))
+        return self.sam.postprocess(low_res, prep.input_size, prep.original_size)[:, 0]
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def forward(self, batch: LisaBatch) -> dict[str, torch.Tensor]:
+        """LISA's training losses: ``ce_loss``, ``mask_bce_loss``, ``mask_dice_loss``, ``mask_loss``, ``loss``;
+        also ``pred_masks`` (per-image (n_i, H_i, W_i) logits at the original size)."""
+        dev = self.device
+        offset = batch.offset.tolist()
+        feats = self.vlm.encode_images(batch.clip_pixel_values.to(dev))
+        per_conv = torch.cat([feats[i:i + 1].expand(offset[i + 1] - offset[i], -1, -1)
+                              for i in range(len(offset) - 1)])
+        emb = self.vlm.embed(batch.input_ids.to(dev), per_conv, self.pad_id, batch.labels.to(dev))
+        states, _ = self.vlm.run(emb.inputs_embeds, emb.attention_mask)
+        ce = token_ce(self.vlm.logits(states), emb.labels) * self.config.losses.ce_weight
+        seg = self._seg_states(emb.token_ids, states)
+        with torch.no_grad() if not any(p.requires_grad for p in self.sam.sam.image_encoder.parameters()) \
+                else torch.enable_grad():
+            sam_emb = self.sam.encode(batch.sam_pixel_values.to(dev))
+        pred_masks = []
+        for i in range(len(offset) - 1):
+            states_i = [s for s in seg[offset[i]:offset[i + 1]] if len(s)]
+            if not states_i:
+                pred_masks.append(torch.zeros(0, *batch.original_sizes[i], device=dev))
+                continue
+            low_res, _ = self.sam.decode(sam_emb[i:i + 1], self.seg_projector(torch.cat(states_i)))
+            pred_masks.append(self.sam.postprocess(low_res, batch.input_sizes[i], batch.original_sizes[i])[:, 0])
+        bce, dice = mask_losses(pred_masks, [g.to(dev) for g in batch.gt_masks], self.config.losses)
+        mask_loss = bce + dice
+        return {"loss": ce + mask_loss, "ce_loss": ce, "mask_bce_loss": bce, "mask_dice_loss": dice,
+                "mask_loss": mask_loss, "pred_masks": pred_masks}
+
+
+def make_result(text: str, logits: torch.Tensor, phrases: list[str | None], sources: list[str]) -> Result:
+    """(N, H, W) logits -> Result with masks ``logits > 0``, mean-probability scores and mask boxes."""
+    masks = (logits > 0).numpy()
+    prob = logits.float().sigmoid().numpy()
+    area = masks.reshape(len(masks), -1).sum(1)
+    scores = np.where(area > 0, (prob * masks).reshape(len(masks), -1).sum(1) / np.maximum(area, 1), 0.0)
+    return Result(text=text, masks=masks, scores=scores.astype(np.float32), boxes=masks_to_boxes_xyxy(masks),
+                  phrases=list(phrases), sources=list(sources))
