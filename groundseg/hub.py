@@ -148,6 +148,8 @@ def build_model(config: LisaConfig, tokenizer, device: str | torch.device | None
     if config.family != "lisa":
         raise CheckpointError(f"family {config.family!r} is not supported by this version of groundseg")
     if not config.llm.get("vocab_size"):
+        if tokenizer is None:
+            raise ValueError(f"preset {config.preset!r} takes its vocabulary size from its tokenizer")
         config.llm["vocab_size"] = len(tokenizer)
     with torch.device(device) if device is not None else _nullcontext():
         model = LisaModel(config, tokenizer)

@@ -91,7 +91,7 @@ class SamDecoder(nn.Module):
     def decode(self, image_embeddings: torch.Tensor, text_embeds: torch.Tensor | None = None,
                boxes: torch.Tensor | None = None, points: tuple[torch.Tensor, torch.Tensor] | None = None,
                multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode every prompt of ONE image in one mask-decoder call.
+        """Decode every prompt of ONE image: one mask-decoder call per prompt kind present.
 
         Args:
             image_embeddings: (1, C, h, w) for the image.
@@ -119,16 +119,17 @@ class SamDecoder(nn.Module):
             dense.append(d)
         if not sparse:
             raise ValueError("decode() needs at least one prompt")
-        width = max(s.shape[1] for s in sparse)
-        # Prompts of different kinds have different token counts; pad with SAM's "not a point" embedding so
-        # that they still go through the decoder together. (Only mixed calls pad; LISA's path never does.)
-        pad = pe.not_a_point_embed.weight
-        sparse = torch.cat([torch.cat([s, pad.expand(s.shape[0], width - s.shape[1], -1)], 1) for s in sparse])
-        dense = torch.cat(dense)
-        low_res, iou = self.sam.mask_decoder(
-            image_embeddings=image_embeddings.to(dtype), image_pe=pe.get_dense_pe().to(dtype),
-            sparse_prompt_embeddings=sparse.to(dtype), dense_prompt_embeddings=dense.to(dtype),
-            multimask_output=multimask_output)
+        # Prompt kinds carry different token counts ([SEG] 1, box 2, points P (+1 pad)); padding them to one
+        # length would change their masks, so each kind gets one decoder call of its own.
+        low_res, iou = [], []
+        for sp, de in zip(sparse, dense):
+            m, q = self.sam.mask_decoder(
+                image_embeddings=image_embeddings.to(dtype), image_pe=pe.get_dense_pe().to(dtype),
+                sparse_prompt_embeddings=sp.to(dtype), dense_prompt_embeddings=de.to(dtype),
+                multimask_output=multimask_output)
+            low_res.append(m)
+            iou.append(q)
+        low_res, iou = torch.cat(low_res), torch.cat(iou)
         return low_res, iou
 
     def postprocess(self, low_res: torch.Tensor, input_size: tuple[int, int],

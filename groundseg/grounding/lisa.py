@@ -81,6 +81,8 @@ class LisaModel(nn.Module):
         if config.out_dim != config.sam.prompt_embed_dim:
             raise ValueError(f"out_dim {config.out_dim} != SAM prompt_embed_dim {config.sam.prompt_embed_dim}")
         self.conversation = Conversation(config.system)
+        if tokenizer is None:  # structure only (e.g. a meta-device build to check checkpoint layouts)
+            return
         self.prompt_tokenizer = PromptTokenizer(tokenizer, config.tokenization)
         self.seg_token_id = token_id(tokenizer, SEG)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
@@ -277,8 +279,9 @@ class LisaModel(nn.Module):
 def make_result(text: str, logits: torch.Tensor, phrases: list[str | None], sources: list[str]) -> Result:
     """(N, H, W) logits -> Result with masks ``logits > 0``, mean-probability scores and mask boxes."""
     masks = (logits > 0).numpy()
-    prob = logits.float().sigmoid().numpy()
-    area = masks.reshape(len(masks), -1).sum(1)
-    scores = np.where(area > 0, (prob * masks).reshape(len(masks), -1).sum(1) / np.maximum(area, 1), 0.0)
+    flat = masks.reshape(len(masks), -1 if len(masks) else 0)
+    prob = logits.float().sigmoid().numpy().reshape(flat.shape)
+    area = flat.sum(1)
+    scores = np.where(area > 0, (prob * flat).sum(1) / np.maximum(area, 1), 0.0)
     return Result(text=text, masks=masks, scores=scores.astype(np.float32), boxes=masks_to_boxes_xyxy(masks),
                   phrases=list(phrases), sources=list(sources))

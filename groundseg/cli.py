@@ -1,0 +1,176 @@
+"""The ``groundseg`` command.
+
+``groundseg segment IMAGE... --prompt TEXT`` writes, per image, ``<stem>.json`` (answer text and COCO-RLE masks),
+``<stem>_mask<k>.png`` and ``<stem>_overlay.jpg`` into ``--out``, and prints each answer.
+``groundseg convert SRC DST`` writes an official checkpoint in groundseg's format.
+
+User mistakes (missing files, bad values, unknown models) print one line ``groundseg: error: ...`` and exit with
+status 2; every input is checked before anything is written, and every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .io import InputError
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        raise InputError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="groundseg", description="Language-guided grounding and segmentation (LISA, GLaMM, Sa2VA).")
+    p.add_argument("--version", action="version", version=f"groundseg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("segment", help="segment what a sentence refers to in one or more images")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("--prompt", "-p", required=True, help="what to segment, e.g. 'the dog on the left'")
+    s.add_argument("--model", "-m", default=None, help="preset name or checkpoint folder (default: %(default)s "
+                                                       "= the shipped default model)")
+    s.add_argument("--out", "-o", default="out", help="output folder (default: %(default)s)")
+    s.add_argument("--box", action="append", default=[], metavar="x1,y1,x2,y2",
+                   help="region prompt in pixels (families with a region encoder); repeatable")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--batch-size", type=int, default=4, help="images per batch (default: %(default)s)")
+    s.add_argument("--vision-tower", default=None, help="CLIP folder or hub id for official LISA checkpoints")
+
+    c = sub.add_parser("convert", help="write a checkpoint (official LISA layout or preset) in groundseg's format")
+    c.add_argument("source", help="official checkpoint folder, groundseg folder or preset")
+    c.add_argument("dest", help="output folder")
+    c.add_argument("--vision-tower", default=None, help="CLIP folder or hub id (official LISA checkpoints)")
+    return p
+
+
+def _parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 4:
+        raise InputError(f"--box {text!r}: expected four numbers x1,y1,x2,y2 in pixels")
+    x1, y1, x2, y2 = vals
+    if x2 <= x1 or y2 <= y1:
+        raise InputError(f"--box {text!r}: expected x1 < x2 and y1 < y2")
+    return x1, y1, x2, y2
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(h, w) after EXIF orientation, from the header only."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            w, h = h, w
+    return h, w
+
+
+def _device(name: str):
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .hub import load_model
+    from .io import check_image
+
+    if not args.prompt.strip():
+        raise InputError("--prompt is empty: expected a sentence describing what to segment")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise InputError("--max-new-tokens and --batch-size must be at least 1")
+    for path in args.images:
+        check_image(path)
+    stems = [Path(p).stem for p in args.images]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise InputError(f"two images share the file name stem {dupes[0]!r}; their outputs would overwrite "
+                         "each other")
+    boxes = [_parse_box(b) for b in args.box]
+    device = _device(args.device)
+    model = load_model(args.model, vision_tower=args.vision_tower)
+    if boxes and not getattr(model, "supports_regions", False):
+        raise InputError(f"--box: the {model.family} family has no region encoder, so it cannot take box "
+                         "prompts; use a GLaMM model")
+    for path in args.images:
+        h, w = _image_size(path)
+        for b in boxes:
+            if b[0] < 0 or b[1] < 0 or b[2] > w or b[3] > h:
+                raise InputError(f"--box {','.join(f'{v:g}' for v in b)} lies outside {path} ({w}x{h} pixels)")
+    model.to(device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(args.images), unit="img", disable=len(args.images) <= 1, file=sys.stderr)
+    for start in range(0, len(args.images), args.batch_size):
+        batch = args.images[start:start + args.batch_size]
+        results = model.segment(batch, args.prompt, max_new_tokens=args.max_new_tokens,
+                                **({"boxes": boxes} if boxes else {}))
+        for path, res in zip(batch, results):
+            write_result(out, Path(path), res)
+            note = "" if len(res) else "  (no [SEG] in the answer: no mask)"
+            tqdm.write(f"{path}: {res.text}{note}", file=sys.stdout)
+        bar.update(len(batch))
+    bar.close()
+    return 0
+
+
+def write_result(out: Path, path: Path, res) -> None:
+    """<stem>.json, <stem>_mask<k>.png, <stem>_overlay.jpg for one Result."""
+    from .io import load_image, mask_to_bbox, mask_to_rle, overlay, save_jpeg, save_json, save_png_mask
+
+    masks = []
+    for k, m in enumerate(res.masks):
+        entry = {"segmentation": mask_to_rle(m), "score": round(float(res.scores[k]), 4), "bbox": mask_to_bbox(m),
+                 "source": res.sources[k] if k < len(res.sources) else "seg"}
+        if k < len(res.phrases) and res.phrases[k]:
+            entry["phrase"] = res.phrases[k]
+        masks.append(entry)
+        save_png_mask(out / f"{path.stem}_mask{k}.png", m)
+    save_json(out / f"{path.stem}.json", {"image": str(path), "text": res.text, "masks": masks})
+    save_jpeg(out / f"{path.stem}_overlay.jpg", overlay(load_image(path), res.masks, res.text,
+                                                       phrases=res.phrases or None))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .hub import load_model, save_pretrained
+
+    model = load_model(args.source, vision_tower=args.vision_tower)
+    dest = save_pretrained(model, args.dest)
+    print(f"wrote {dest}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .hub import CheckpointError
+
+    try:
+        args = _parser().parse_args(argv)
+        return {"segment": cmd_segment, "convert": cmd_convert}[args.command](args)
+    except (InputError, CheckpointError) as e:
+        print(f"groundseg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
