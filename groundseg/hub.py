@@ -9,6 +9,7 @@ mis-shaped tensor is an error that names it. Pickled ``.bin`` files are read wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -151,31 +152,19 @@ def build_model(config: LisaConfig, tokenizer, device: str | torch.device | None
         if tokenizer is None:
             raise ValueError(f"preset {config.preset!r} takes its vocabulary size from its tokenizer")
         config.llm["vocab_size"] = len(tokenizer)
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         model = LisaModel(config, tokenizer)
     return model.eval()
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _preset_model(name: str, seed: int = 0) -> LisaModel:
     cfg = preset_config(name)
-    if cfg.checkpoint is None:  # built from scratch: shipped tokenizer, deterministic random weights
-        tok = load_tokenizer(ASSETS / name)
-        weights = ASSETS / name / WEIGHTS_NAME
-        if (ASSETS / name / CONFIG_NAME).is_file():
+    if cfg.checkpoint is None:
+        if (ASSETS / name / CONFIG_NAME).is_file():  # a trained preset shipped in our format
             return load_pretrained(ASSETS / name)
+        # built from scratch: the shipped tokenizer and seeded random weights, the same on every call
         torch.manual_seed(seed)
-        model = build_model(cfg, tok)
-        if weights.is_file():
-            load_strict(model, _safetensors(weights), str(weights))
-        return model
+        return build_model(cfg, load_tokenizer(ASSETS / name))
     folder = _download(cfg.checkpoint)
     vision = _download(cfg.vision.pretrained) if cfg.vision.pretrained else None
     return load_official_lisa(folder, vision_tower=vision)
