@@ -108,3 +108,31 @@ def test_token_ce_ignores_masked_positions():
     labels = torch.tensor([[-100, -100, 3, 5]])  # only positions 1 -> 3 and 2 -> 5 are supervised
     expect = (torch.nn.functional.cross_entropy(logits[0, 1:3], torch.tensor([3, 5])))
     assert torch.allclose(token_ce(logits, labels), expect)
+
+
+def test_point_prompts_match_segment_anything_predictor(sam, media):
+    from segment_anything import SamPredictor
+
+    rgb = load_image(media / "truck.jpg")
+    pts, labels = np.array([[500.0, 400.0], [900.0, 700.0]]), np.array([1, 0])
+    pred = SamPredictor(sam.sam)
+    pred.set_image(rgb)
+    ref, _, _ = pred.predict(point_coords=pts, point_labels=labels, multimask_output=False, return_logits=True)
+    with torch.no_grad():
+        px, size = sam.preprocess(rgb)
+        coords = sam.points_to_input_frame(torch.tensor(pts)[None], rgb.shape[:2])
+        low, _ = sam.decode(sam.encode(px[None]), points=(coords, torch.tensor(labels)[None]))
+        ours = sam.postprocess(low, size, rgb.shape[:2])[0, 0]
+    assert (ours - torch.from_numpy(ref[0])).abs().max().item() < 1e-4
+
+
+def test_projectors():
+    from groundseg.grounding.vlm import build_projector
+
+    lin, mlp = build_projector("linear", 8, 16), build_projector("mlp2x_gelu", 8, 16)
+    assert sorted(lin.state_dict()) == ["bias", "weight"]
+    assert sorted(mlp.state_dict()) == ["0.bias", "0.weight", "2.bias", "2.weight"]  # LLaVA-1.5's names
+    x = torch.randn(3, 8)
+    assert torch.allclose(mlp(x), mlp[2](torch.nn.functional.gelu(mlp[0](x))))
+    with pytest.raises(ValueError, match="unknown projector"):
+        build_projector("qformer", 8, 16)
