@@ -17,17 +17,25 @@ from groundseg.io import rle_to_mask
 from test_segment import script
 
 
-@pytest.fixture()
-def scripted(monkeypatch):
-    """The tiny preset answering 'Sure, [SEG] and [SEG].' for every image."""
+def use_tiny(monkeypatch, answer: str | None = None, **attrs) -> None:
+    """Make the CLI load the tiny preset, optionally scripted to give ``answer``, with ``attrs`` set on it."""
     real = groundseg.hub.load_model
 
     def load(name=None, **kw):
         m = real("lisa-tiny")
-        script(m, "Sure, [SEG] and [SEG].")
+        if answer is not None:
+            script(m, answer)
+        for k, v in attrs.items():
+            setattr(m, k, v)
         return m
 
     monkeypatch.setattr(groundseg.hub, "load_model", load)
+
+
+@pytest.fixture()
+def scripted(monkeypatch):
+    """The tiny preset answering 'Sure, [SEG] and [SEG].' for every image."""
+    use_tiny(monkeypatch, "Sure, [SEG] and [SEG].")
 
 
 def test_segment_writes_json_masks_and_overlay(scripted, media, tmp_path, capsys):
@@ -53,20 +61,13 @@ def test_segment_writes_json_masks_and_overlay(scripted, media, tmp_path, capsys
 
 
 def test_no_seg_answer_says_so(monkeypatch, media, tmp_path, capsys):
-    real = groundseg.hub.load_model
-
-    def load(name=None, **kw):
-        m = real("lisa-tiny")
-        script(m, "No.")
-        return m
-
-    monkeypatch.setattr(groundseg.hub, "load_model", load)
+    use_tiny(monkeypatch, "No.")
     assert main(["segment", str(media / "dog.jpg"), "-p", "a unicorn", "-o", str(tmp_path)]) == 0
     assert "no [SEG] in the answer" in capsys.readouterr().out
     assert json.loads((tmp_path / "dog.json").read_text())["masks"] == []
 
 
-def bad(args, capsys, expect: str, out) -> None:
+def assert_rejected(args, capsys, expect: str, out) -> None:
     assert main(args + ["--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("groundseg: error: ") and expect in err and "\n" not in err and "Traceback" not in err
@@ -80,29 +81,22 @@ def test_bad_inputs_exit_2_without_output(media, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "weird").mkdir()
     (tmp_path / "weird" / "config.json").write_text("{}")
-    bad(["segment", str(tmp_path / "missing.jpg"), "-p", "x"], capsys, "image not found", out)
-    bad(["segment", str(tmp_path / "notes.txt"), "-p", "x"], capsys, "not a readable image", out)
-    bad(["segment", dog, "-p", " "], capsys, "--prompt is empty", out)
-    bad(["segment", dog, "-p", "x", "--model", "lisa-999b"], capsys, "unknown model 'lisa-999b'", out)
-    bad(["segment", dog, "-p", "x", "--model", str(tmp_path / "empty")], capsys, "not a checkpoint folder", out)
-    bad(["segment", dog, "-p", "x", "--model", str(tmp_path / "weird")], capsys, "neither a groundseg config", out)
-    bad(["segment", dog, "-p", "x", "--box", "1,2,3"], capsys, "expected four numbers", out)
-    bad(["segment", dog, "-p", "x", "--box", "10,10,5,20"], capsys, "x1 < x2", out)
-    bad(["segment", dog, "-p", "x", "--box", "0,0,900,100"], capsys, "no region encoder", out)
-    bad(["segment", dog, "-p", "x", "--dtype", "fp8"], capsys, "invalid choice", out)
-    bad(["segment", "-p", "x"], capsys, "required", out)
+    assert_rejected(["segment", str(tmp_path / "missing.jpg"), "-p", "x"], capsys, "image not found", out)
+    assert_rejected(["segment", str(tmp_path / "notes.txt"), "-p", "x"], capsys, "not a readable image", out)
+    assert_rejected(["segment", dog, "-p", " "], capsys, "--prompt is empty", out)
+    assert_rejected(["segment", dog, "-p", "x", "--model", "lisa-999b"], capsys, "unknown model 'lisa-999b'", out)
+    assert_rejected(["segment", dog, "-p", "x", "--model", str(tmp_path / "empty")], capsys, "not a checkpoint folder", out)
+    assert_rejected(["segment", dog, "-p", "x", "--model", str(tmp_path / "weird")], capsys, "neither a groundseg config", out)
+    assert_rejected(["segment", dog, "-p", "x", "--box", "1,2,3"], capsys, "expected four numbers", out)
+    assert_rejected(["segment", dog, "-p", "x", "--box", "10,10,5,20"], capsys, "x1 < x2", out)
+    assert_rejected(["segment", dog, "-p", "x", "--box", "0,0,900,100"], capsys, "no region encoder", out)
+    assert_rejected(["segment", dog, "-p", "x", "--dtype", "fp8"], capsys, "invalid choice", out)
+    assert_rejected(["segment", "-p", "x"], capsys, "required", out)
 
 
 def test_box_outside_image_is_rejected_for_region_models(monkeypatch, media, tmp_path, capsys):
-    real = groundseg.hub.load_model
-
-    def load(name=None, **kw):
-        m = real("lisa-tiny")
-        m.supports_regions = True  # stands in for a family with a region encoder
-        return m
-
-    monkeypatch.setattr(groundseg.hub, "load_model", load)
-    bad(["segment", str(media / "dog.jpg"), "-p", "x", "--box", "0,0,900,100"], capsys,
+    use_tiny(monkeypatch, supports_regions=True)  # stands in for a family with a region encoder
+    assert_rejected(["segment", str(media / "dog.jpg"), "-p", "x", "--box", "0,0,900,100"], capsys,
         "lies outside", tmp_path / "o")
 
 
@@ -114,7 +108,7 @@ def test_checkpoint_with_missing_tensors_exits_2(tmp_path, capsys, media):
     state = load_file(str(folder / "model.safetensors"))
     state.pop("seg_projector.text_hidden_fcs.0.0.bias")
     save_file(state, str(folder / "model.safetensors"))
-    bad(["segment", str(media / "dog.jpg"), "-p", "x", "--model", str(folder)], capsys,
+    assert_rejected(["segment", str(media / "dog.jpg"), "-p", "x", "--model", str(folder)], capsys,
         "1 missing tensor(s): seg_projector.text_hidden_fcs.0.0.bias", tmp_path / "o")
 
 

@@ -83,14 +83,11 @@ class PromptTokenizer:
             import sentencepiece
 
             self._sp = sentencepiece.SentencePieceProcessor(model_file=vocab_file)
-
-    @property
-    def bos_id(self) -> int | None:
-        return self.tokenizer.bos_token_id if self.mode == "lisa" or self._adds_bos() else None
-
-    def _adds_bos(self) -> bool:
-        bos = self.tokenizer.bos_token_id
-        return bos is not None and self.tokenizer("a").input_ids[:1] == [bos]
+        # LISA's prompts always start with BOS; a plain tokenizer adds one only if its own template does
+        # (decided once here, not per prompt).
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and (mode == "lisa" or tokenizer("a").input_ids[:1] == [bos])
+        self.bos_id = bos if adds_bos else None
 
     def __call__(self, text: str) -> list[int]:
         """Ids of ``text`` with BOS (when the tokenizer uses one) and ``<image>`` -> -200."""
@@ -99,8 +96,7 @@ class PromptTokenizer:
             if k:
                 ids.append(IMAGE_TOKEN_INDEX)
             ids.extend(self._encode_chunk(chunk))
-        bos = self.bos_id
-        return ([bos] if bos is not None else []) + ids
+        return ([self.bos_id] if self.bos_id is not None else []) + ids
 
     def _encode_chunk(self, text: str) -> list[int]:
         if self.mode == "plain":
