@@ -3,6 +3,8 @@
 ``groundseg segment IMAGE... --prompt TEXT`` writes, per image, ``<stem>.json`` (answer text and COCO-RLE masks),
 ``<stem>_mask<k>.png`` and ``<stem>_overlay.jpg`` into ``--out``, and prints each answer.
 ``groundseg convert SRC DST`` writes an official checkpoint in groundseg's format.
+``groundseg train [--preset NAME] ...`` trains (see ``groundseg/train/``); ``groundseg data shapes --out DIR``
+writes the procedural shapes world in the REFER and Ref-YouTube-VOS formats.
 
 User mistakes (missing files, bad values, unknown models) print one line ``groundseg: error: ...`` and exit with
 status 2; every input is checked before anything is written, and every file is written atomically.
@@ -11,6 +13,7 @@ status 2; every input is checked before anything is written, and every file is w
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -43,6 +46,36 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--batch-size", type=int, default=4, help="images per batch (default: %(default)s)")
     s.add_argument("--vision-tower", default=None, help="CLIP folder or hub id for official LISA checkpoints")
+
+    t = sub.add_parser("train", help="train or fine-tune (LoRA) a model; see groundseg/train/trainer.py")
+    from .train.cli import add_arguments
+
+    add_arguments(t)
+
+    e = sub.add_parser("eval", help="evaluate a model on a benchmark and print the field's metrics")
+    e.add_argument("task", choices=["refer", "boxes"],
+                   help="refer: referring segmentation (cIoU, gIoU, Prec@X); boxes: box grounding (Acc@0.5)")
+    e.add_argument("--data-root", required=True, help="folder holding the REFER dataset folders and images/")
+    e.add_argument("--dataset", default=None, help="refcoco, refcoco+, refcocog, shapes, ...")
+    e.add_argument("--split-by", default=None, help="unc, umd, google (default: the only refs file present)")
+    e.add_argument("--split", default="val")
+    e.add_argument("--image-dir", default=None, help="image folder (default: DATA_ROOT/images)")
+    e.add_argument("--model", "-m", default=None, help="preset or checkpoint folder (default: %(default)s)")
+    e.add_argument("--mode", choices=["teacher", "chat"], default="teacher",
+                   help="teacher: LISA's fixed '[SEG].' answer; chat: the model generates (refer only)")
+    e.add_argument("--limit", type=int, default=None, help="first N images only")
+    e.add_argument("--out", default=None, help="write the report (metrics + per-expression records) as JSON")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+
+    d = sub.add_parser("data", help="write datasets to disk")
+    dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    ds = dsub.add_parser("shapes", help="the procedural shapes world in REFER and Ref-YouTube-VOS formats")
+    ds.add_argument("--out", required=True, help="output folder (gets shapes/, images/, videos/)")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--images", type=int, default=100)
+    ds.add_argument("--videos", type=int, default=0)
+    ds.add_argument("--image-size", type=int, default=256)
 
     c = sub.add_parser("convert", help="write a checkpoint (official LISA layout or preset) in groundseg's format")
     c.add_argument("source", help="official checkpoint folder, groundseg folder or preset")
@@ -159,12 +192,57 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.cli import run
+
+    return run(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.metrics import format_table
+    from .eval.refer import evaluate_boxes, evaluate_refer
+    from .hub import load_model
+    from .io import save_json
+
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit {args.limit}: expected at least 1")
+    device = _device(args.device)
+    model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+    common = dict(data_root=args.data_root, dataset=args.dataset, split_by=args.split_by, split=args.split,
+                  image_dir=args.image_dir, limit=args.limit, progress=sys.stderr.isatty())
+    if args.task == "refer":
+        report = evaluate_refer(model, mode=args.mode, **common)
+        print(format_table(report.metrics))
+    else:
+        report = evaluate_boxes(model, **common)
+        print(format_table(report.metrics, columns=("Acc@0.5", "mIoU", "n")))
+    if args.out:
+        save_json(args.out, report.to_dict())
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .datasets.shapes import write_shapes
+
+    if args.images < 0 or args.videos < 0:
+        raise InputError("--images and --videos must be >= 0")
+    if args.image_size < 64:
+        raise InputError(f"--image-size {args.image_size}: expected at least 64")
+    summary = write_shapes(args.out, seed=args.seed, images=args.images, videos=args.videos,
+                           image_size=args.image_size)
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .hub import CheckpointError
 
     try:
         args = _parser().parse_args(argv)
-        return {"segment": cmd_segment, "convert": cmd_convert}[args.command](args)
+        return {"segment": cmd_segment, "convert": cmd_convert, "train": cmd_train,
+                "data": cmd_data, "eval": cmd_eval}[args.command](args)
     except (InputError, CheckpointError) as e:
         print(f"groundseg: error: {e}", file=sys.stderr)
         return 2

@@ -391,6 +391,15 @@ def save_jpeg(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> No
         Image.fromarray(rgb).save(tmp, format="JPEG", quality=quality)
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a UTF-8 JSON file; a file that is not JSON is an :class:`InputError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc})") from exc
+
+
 def save_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as UTF-8 JSON (2-space indent, trailing newline).
 

@@ -49,6 +49,22 @@ def build_sam(cfg: SamConfig) -> Sam:
     )
 
 
+def sam_preprocess(image: np.ndarray, cfg: SamConfig, resize: ResizeLongestSide | None = None
+                   ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(H, W, 3) uint8 RGB -> ((3, S, S) normalised and padded float32, (h, w) resized size before padding).
+
+    A function of the config alone, so data loaders can run it without holding the model."""
+    resize = resize or ResizeLongestSide(cfg.image_size)
+    resized = resize.apply_image(image)  # PIL bilinear, longest side -> S
+    x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+    mean = torch.tensor(cfg.pixel_mean).view(3, 1, 1)
+    std = torch.tensor(cfg.pixel_std).view(3, 1, 1)
+    x = (x - mean) / std
+    h, w = x.shape[-2:]
+    x = F.pad(x, (0, cfg.image_size - w, 0, cfg.image_size - h))
+    return x, (int(h), int(w))
+
+
 class SamDecoder(nn.Module):
     """SAM image encoder + prompt encoder + mask decoder (``self.sam`` is segment-anything's ``Sam``)."""
 
@@ -72,14 +88,7 @@ class SamDecoder(nn.Module):
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """(H, W, 3) uint8 RGB -> ((3, S, S) normalised and padded float32, (h, w) resized size before padding)."""
-        resized = self.resize.apply_image(image)  # PIL bilinear, longest side -> S
-        x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
-        mean = torch.tensor(self.cfg.pixel_mean).view(3, 1, 1)
-        std = torch.tensor(self.cfg.pixel_std).view(3, 1, 1)
-        x = (x - mean) / std
-        h, w = x.shape[-2:]
-        x = F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
-        return x, (int(h), int(w))
+        return sam_preprocess(image, self.cfg, self.resize)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> image embeddings (B, C, S/16, S/16)."""

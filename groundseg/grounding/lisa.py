@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import LisaConfig
 from ..decoders.projector import TextHiddenProjector
-from ..decoders.sam import SamDecoder
+from ..decoders.sam import SamDecoder, sam_preprocess
 from ..io import InputError, load_image, masks_to_boxes_xyxy
 from ..result import Result
 from ..train.losses import mask_losses, token_ce
@@ -63,6 +63,30 @@ class LisaBatch:
     gt_masks: list[torch.Tensor]
 
 
+def clip_preprocess(rgb: np.ndarray, config: LisaConfig) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, s, s): shortest side to s (PIL bicubic), centre crop, /255, CLIP mean/std --
+    what LISA's pinned ``CLIPImageProcessor`` did (transformers 5's default processor resizes with
+    torchvision instead, which moves pixels by a few levels)."""
+    s = config.vision.image_size
+    h, w = rgb.shape[:2]
+    short, long = (h, w) if h <= w else (w, h)
+    new_long = int(s * long / short)
+    size = (s, new_long) if h <= w else (new_long, s)  # (h, w)
+    img = Image.fromarray(rgb).resize((size[1], size[0]), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32)
+    top, left = (size[0] - s) // 2, (size[1] - s) // 2
+    arr = arr[top:top + s, left:left + s] * (1 / 255)
+    arr = (arr - np.array(config.clip_mean, np.float32)) / np.array(config.clip_std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def prepare_image(image, config: LisaConfig) -> PreparedImage:
+    """Any image input (path, array, PIL) -> both encoders' inputs; needs only the config (data loaders)."""
+    rgb = load_image(image)
+    sam, input_size = sam_preprocess(rgb, config.sam)
+    return PreparedImage(rgb, clip_preprocess(rgb, config), sam, input_size, rgb.shape[:2])
+
+
 class LisaModel(nn.Module):
     """LISA = :class:`VisionLanguageModel` + :class:`TextHiddenProjector` + :class:`SamDecoder`.
 
@@ -98,25 +122,11 @@ class LisaModel(nn.Module):
     # ------------------------------------------------------------------------------------------ images
 
     def clip_preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (3, s, s): shortest side to s (PIL bicubic), centre crop, /255, CLIP mean/std --
-        what LISA's pinned ``CLIPImageProcessor`` did (transformers 5's default processor resizes with
-        torchvision instead, which moves pixels by a few levels)."""
-        s = self.config.vision.image_size
-        h, w = rgb.shape[:2]
-        short, long = (h, w) if h <= w else (w, h)
-        new_long = int(s * long / short)
-        size = (s, new_long) if h <= w else (new_long, s)  # (h, w)
-        img = Image.fromarray(rgb).resize((size[1], size[0]), Image.BICUBIC)
-        arr = np.asarray(img, dtype=np.float32)
-        top, left = (size[0] - s) // 2, (size[1] - s) // 2
-        arr = arr[top:top + s, left:left + s] * (1 / 255)
-        arr = (arr - np.array(self.config.clip_mean, np.float32)) / np.array(self.config.clip_std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        """(H, W, 3) uint8 -> (3, s, s) for the vision tower (see :func:`clip_preprocess`)."""
+        return clip_preprocess(rgb, self.config)
 
     def prepare_image(self, image) -> PreparedImage:
-        rgb = load_image(image)
-        sam, input_size = self.sam.preprocess(rgb)
-        return PreparedImage(rgb, self.clip_preprocess(rgb), sam, input_size, rgb.shape[:2])
+        return prepare_image(image, self.config)
 
     # ------------------------------------------------------------------------------------------ prompts
 

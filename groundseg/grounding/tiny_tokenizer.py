@@ -1,4 +1,4 @@
-"""The small byte-level BPE tokenizer that our from-scratch presets (``lisa-tiny``, later ``shapes-demo``) ship.
+"""The small byte-level BPE tokenizers that our from-scratch presets (``lisa-tiny``, ``shapes-demo``) ship.
 
 Trained by :func:`train_tiny_tokenizer` on the prompt templates and a short word list; deterministic, so
 ``python -m groundseg.grounding.tiny_tokenizer DIR`` rebuilds the shipped files exactly. Byte-level means every
@@ -38,17 +38,21 @@ def corpus() -> list[str]:
     return lines
 
 
-def train_tiny_tokenizer(vocab_size: int = 640):
-    """Train the tokenizer and wrap it as a ``transformers`` fast tokenizer."""
+def train_tokenizer(lines: list[str], vocab_size: int, split_digits: bool = False):
+    """Train a byte-level BPE on ``lines`` and wrap it as a ``transformers`` fast tokenizer with the grounding
+    tokens added. ``split_digits`` makes every digit its own token, so box coordinates on the 0-1000 grid are
+    spelled the same way at every magnitude."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus(), trainer)
+    tok.train_from_iterator(lines, trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bos)])
@@ -58,9 +62,44 @@ def train_tiny_tokenizer(vocab_size: int = 640):
     return fast
 
 
+def train_tiny_tokenizer(vocab_size: int = 640):
+    """The ``lisa-tiny`` tokenizer."""
+    return train_tokenizer(corpus(), vocab_size)
+
+
+def shapes_corpus(num_images: int = 400, seed: int = 9999) -> list[str]:
+    """Everything the shapes world and the training templates say, from images of a seed never used for
+    training or testing."""
+    from ..config import SHAPES_SYSTEM
+    from ..datasets.shapes import ShapesWorld
+    from ..train.data import ANSWERS, BOX_SUFFIX, CAPTION_QUESTIONS, MULTI_QUESTIONS, QUESTIONS
+
+    # Answers follow "ASSISTANT:" after a space (train/data.py), so they are learnt with their leading space.
+    lines = [SHAPES_SYSTEM, "USER: ASSISTANT:", " Sure, ", " and ", *[" " + a for a in ANSWERS],
+             *CAPTION_QUESTIONS, BOX_SUFFIX, *[str(i) for i in range(10)]]
+    world = ShapesWorld(seed=seed)
+    for i in range(num_images):
+        item = world.image(i)
+        for e in item.expressions:
+            lines += [q.format(e.text) for q in (QUESTIONS if e.kind != "multi" else MULTI_QUESTIONS)]
+        lines += [" " + item.caption + ".", *[" " + a for a in ANSWERS]]  # answer words as often as questions
+        for b in item.box_answers:
+            lines += [b.question + BOX_SUFFIX, " " + b.answer]
+        lines += [r.question + " " + r.answer for r in item.region_questions]
+    return lines
+
+
+def train_shapes_tokenizer(vocab_size: int = 640):
+    """The ``shapes-demo`` tokenizer."""
+    return train_tokenizer(shapes_corpus(), vocab_size, split_digits=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    out = (argv or sys.argv[1:])[0]
-    train_tiny_tokenizer().save_pretrained(out)
+    """``python -m groundseg.grounding.tiny_tokenizer DIR [lisa-tiny|shapes-demo]``."""
+    args = argv if argv is not None else sys.argv[1:]
+    which = args[1] if len(args) > 1 else "lisa-tiny"
+    tok = {"lisa-tiny": train_tiny_tokenizer, "shapes-demo": train_shapes_tokenizer}[which]()
+    tok.save_pretrained(args[0])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,319 @@
+"""Training data: samples, the sources that make them, mixing by sample rate, and collation into a LisaBatch.
+
+A *sample* is one image with one or more single-turn conversations about it (LISA puts up to three referring
+expressions of one image in one sample, each its own conversation) and one ground-truth mask per ``[SEG]`` in
+its answers, in order. Sources are random-access by a global sample index: sample ``k`` of a run is drawn from
+``np.random.default_rng([seed, k])`` alone, so a resumed run sees exactly the samples the uninterrupted run
+would have seen, on any number of processes.
+
+Sources:
+
+* ``shapes`` -- the procedural shapes world (``datasets/shapes.py``), generated on the fly; tasks ``refer``
+  (single-target expressions of every kind), ``multi`` (one ``[SEG]`` per object), ``caption`` (grounded caption)
+  and ``box`` (``<ref>``/``<box>`` answers, no mask).
+* ``refer_seg`` -- REFER datasets on disk (RefCOCO/+/g, or shapes written by ``groundseg data shapes``).
+
+LISA's ``--dataset sem_seg||refer_seg||vqa||reason_seg --sample_rates 9,3,3,1`` is written the same way here
+(``MixedSource`` with rates); sources groundseg does not have yet are refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ..config import LisaConfig
+from ..grounding.conversation import Conversation, PromptTokenizer, image_question
+from ..grounding.lisa import LisaBatch, prepare_image
+from ..grounding.tokens import IGNORE_INDEX, P_END, P_START, SEG, count_seg
+from ..io import InputError
+
+# Question and answer wordings for referring segmentation (several, so the model does not learn one phrasing).
+QUESTIONS = (
+    "What is {} in this image? Please output segmentation mask.",
+    "Can you segment {} in this image?",
+    "Please segment {} in this image.",
+    "Segment {}.",
+    "Where is {}? Please respond with a segmentation mask.",
+    "{}",
+)
+ANSWERS = ("[SEG].", "It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].")
+MULTI_QUESTIONS = ("Segment {}.", "Please segment {} in this image.", "Can you segment {}?", "{}")
+CAPTION_QUESTIONS = ("Describe the image and ground each object.",
+                     "Please give a grounded caption of this image.")
+BOX_SUFFIX = " Answer with a box."
+
+
+@dataclass
+class TrainSample:
+    """One image and its conversations. ``image`` (H, W, 3) uint8; ``masks`` (n, H, W) bool, one per ``[SEG]``
+    across ``conversations`` in order; ``task`` names what made it (for logging)."""
+
+    image: np.ndarray
+    conversations: list[tuple[str, str]]
+    masks: np.ndarray
+    task: str = ""
+
+    def __post_init__(self):
+        n = sum(count_seg(a) for _, a in self.conversations)
+        if n != len(self.masks):
+            raise ValueError(f"sample ({self.task}) has {n} [SEG] in its answers but {len(self.masks)} masks")
+
+
+class Source(Protocol):
+    name: str
+
+    def sample(self, rng: np.random.Generator) -> TrainSample: ...
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+def _choose(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+@dataclass
+class ShapesSource:
+    """Samples from the procedural shapes world, generated on the fly (image index drawn per sample).
+
+    ``tasks`` maps task -> rate among ``refer``, ``multi``, ``caption``, ``box``."""
+
+    seed: int = 0
+    image_size: int = 256
+    tasks: dict[str, float] = field(default_factory=lambda: {"refer": 6, "multi": 2, "caption": 1, "box": 2})
+    max_expressions: int = 3
+    num_images: int = 10_000_000
+    name: str = "shapes"
+
+    def __post_init__(self):
+        from ..datasets.shapes import ShapesWorld
+
+        unknown = set(self.tasks) - {"refer", "multi", "caption", "box"}
+        if unknown:
+            raise InputError(f"shapes tasks: unknown {sorted(unknown)}; expected refer, multi, caption, box")
+        self.world = ShapesWorld(seed=self.seed, image_size=self.image_size)
+        self._names = list(self.tasks)
+        p = np.array([self.tasks[t] for t in self._names], dtype=np.float64)
+        self._p = p / p.sum()
+
+    def sample(self, rng: np.random.Generator) -> TrainSample:
+        # Draw until the image supports the task (most do; an image of one object has no multi-target answer).
+        task = self._names[int(rng.choice(len(self._names), p=self._p))]
+        for _ in range(64):
+            item = self.world.image(int(rng.integers(self.num_images)))
+            out = getattr(self, f"_{task}")(item, rng)
+            if out is not None:
+                return out
+        raise RuntimeError(f"shapes: no image supported task {task!r} in 64 draws")
+
+    @staticmethod
+    def _masks(item, ids: list[int]) -> np.ndarray:
+        by_id = {o.id: o for o in item.objects}
+        if not ids:
+            return np.zeros((0, *item.image.shape[:2]), bool)
+        return np.stack([by_id[i].mask for i in ids])
+
+    def _refer(self, item, rng) -> TrainSample | None:
+        single = [e for e in item.expressions if e.kind != "multi"]
+        if not single:
+            return None
+        pick = rng.permutation(len(single))[: self.max_expressions]
+        convs, ids = [], []
+        for j in pick:
+            e = single[int(j)]
+            convs.append((_choose(rng, QUESTIONS).format(e.text), _choose(rng, ANSWERS)))
+            ids.append(e.targets[0])
+        return TrainSample(item.image, convs, self._masks(item, ids), "refer")
+
+    @staticmethod
+    def _names_for(item) -> dict[int, str]:
+        """The shortest attribute expression of each object (its name inside multi-target answers)."""
+        names: dict[int, str] = {}
+        for e in item.expressions:
+            if e.kind == "attribute" and (e.targets[0] not in names or len(e.text) < len(names[e.targets[0]])):
+                names[e.targets[0]] = e.text
+        return names
+
+    def _multi(self, item, rng) -> TrainSample | None:
+        multi = [e for e in item.expressions if e.kind == "multi"]
+        if not multi:
+            return None
+        e = multi[int(rng.integers(len(multi)))]
+        names = self._names_for(item)
+        by_id = {o.id: o for o in item.objects}
+        parts = [f"{P_START}{names.get(i) or f'the {by_id[i].color} {by_id[i].shape}'}{P_END} {SEG}"
+                 for i in e.targets]
+        answer = f"Sure, {_join(parts)}."
+        return TrainSample(item.image, [(_choose(rng, MULTI_QUESTIONS).format(e.text), answer)],
+                           self._masks(item, list(e.targets)), "multi")
+
+    def _caption(self, item, rng) -> TrainSample | None:
+        if not item.caption_targets:
+            return None
+        return TrainSample(item.image, [(_choose(rng, CAPTION_QUESTIONS), item.caption + ".")],
+                           self._masks(item, list(item.caption_targets)), "caption")
+
+    def _box(self, item, rng) -> TrainSample | None:
+        if not item.box_answers:
+            return None
+        b = item.box_answers[int(rng.integers(len(item.box_answers)))]
+        q = b.question if b.question.endswith(BOX_SUFFIX.strip()) else b.question + BOX_SUFFIX
+        return TrainSample(item.image, [(q, b.answer)], self._masks(item, []), "box")
+
+
+# ---------------------------------------------------------------------------------------------- REFER on disk
+
+@dataclass
+class ReferSource:
+    """LISA's ``refer_seg``: an image of the split, up to ``max_expressions`` of its sentences (distinct refs)."""
+
+    data_root: str
+    dataset: str = "refcoco"
+    split_by: str = "unc"
+    split: str = "train"
+    image_dir: str | None = None
+    max_expressions: int = 3
+    name: str = "refer_seg"
+
+    def __post_init__(self):
+        from ..datasets.refer import load_refer
+
+        self.refer = load_refer(self.data_root, self.dataset, self.split_by)
+        by_image: dict[int, list] = {}
+        for ref in self.refer.refs_for_split(self.split):
+            by_image.setdefault(ref["image_id"], []).append(ref)
+        if not by_image:
+            raise InputError(f"{self.data_root}/{self.dataset}: no refs in split {self.split!r}")
+        self.image_ids = sorted(by_image)
+        self.by_image = by_image
+        self.images = Path(self.image_dir) if self.image_dir else Path(self.data_root) / "images"
+
+    def sample(self, rng: np.random.Generator) -> TrainSample:
+        from ..io import load_image
+
+        image_id = self.image_ids[int(rng.integers(len(self.image_ids)))]
+        refs = self.by_image[image_id]
+        info = self.refer.images[image_id]
+        rgb = load_image(self.images / info["file_name"])
+        convs, masks = [], []
+        for j in rng.permutation(len(refs))[: self.max_expressions]:
+            ref = refs[int(j)]
+            sent = ref["sentences"][int(rng.integers(len(ref["sentences"])))]
+            convs.append((_choose(rng, QUESTIONS).format(sent["sent"]), _choose(rng, ANSWERS)))
+            masks.append(self.refer.mask(ref))
+        return TrainSample(rgb, convs, np.stack(masks), "refer_seg")
+
+
+KNOWN_SOURCES = ("shapes", "refer_seg")
+PLANNED_SOURCES = ("sem_seg", "vqa", "reason_seg")
+
+
+@dataclass
+class MixedSource:
+    """Pick a source by ``rates`` (LISA's ``sample_rates``), then a sample from it; sample ``k`` depends only on
+    ``(seed, k)``."""
+
+    sources: list
+    rates: list[float]
+    seed: int = 0
+
+    def __post_init__(self):
+        if len(self.sources) != len(self.rates):
+            raise InputError(f"{len(self.sources)} datasets but {len(self.rates)} sample rates")
+        if any(r <= 0 for r in self.rates):
+            raise InputError(f"sample rates must be positive, got {self.rates}")
+        p = np.asarray(self.rates, dtype=np.float64)
+        self._p = p / p.sum()
+
+    def __getitem__(self, k: int) -> TrainSample:
+        rng = np.random.default_rng([self.seed, int(k)])
+        src = self.sources[int(rng.choice(len(self.sources), p=self._p))]
+        return src.sample(rng)
+
+
+# ---------------------------------------------------------------------------------------------- collation
+
+class Collator:
+    """Samples -> :class:`LisaBatch`: both encoders' pixel inputs, right-padded ids with labels on the answer
+    tokens only (the system prompt, the question and the image are ``IGNORE_INDEX``), masks as float tensors.
+
+    Holds only the config and tokenizer, so DataLoader workers can run it."""
+
+    def __init__(self, config: LisaConfig, tokenizer):
+        self.config = config
+        self.prompt_tokenizer = PromptTokenizer(tokenizer, config.tokenization)
+        self.conversation = Conversation(config.system)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    def encode(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """One conversation -> (ids, labels). The prompt is tokenised exactly as at inference (an open assistant
+        turn) and the answer is appended after it, so training and generation see the same prefix ids."""
+        prefix = self.conversation.prompt([(image_question(question, self.config.use_im_start_end), None)])
+        prompt_ids = self.prompt_tokenizer(prefix)
+        answer_ids = self.prompt_tokenizer._encode_chunk(" " + answer) + [self.eos_id]
+        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+
+    def __call__(self, samples: list[TrainSample]) -> LisaBatch:
+        ids, labels, offset = [], [], [0]
+        clip, sam, in_sizes, orig_sizes, gts = [], [], [], [], []
+        for s in samples:
+            prep = prepare_image(s.image, self.config)
+            clip.append(prep.clip)
+            sam.append(prep.sam)
+            in_sizes.append(prep.input_size)
+            orig_sizes.append(prep.original_size)
+            gts.append(torch.from_numpy(np.asarray(s.masks, dtype=np.float32)))
+            for q, a in s.conversations:
+                i, lab = self.encode(q, a)
+                ids.append(i)
+                labels.append(lab)
+            offset.append(len(ids))
+        length = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
+        label_t = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long)
+        for r, (i, lab) in enumerate(zip(ids, labels)):
+            input_ids[r, :len(i)] = torch.tensor(i)
+            label_t[r, :len(lab)] = torch.tensor(lab)
+        return LisaBatch(input_ids=input_ids, labels=label_t, clip_pixel_values=torch.stack(clip),
+                         sam_pixel_values=torch.stack(sam), offset=torch.tensor(offset),
+                         input_sizes=in_sizes, original_sizes=orig_sizes, gt_masks=gts)
+
+
+def build_source(spec: str, rates: Sequence[float] | None, seed: int, data_root: str | None = None,
+                 refer_datasets: str = "refcoco", shapes_tasks: dict[str, float] | None = None,
+                 image_size: int = 256) -> MixedSource:
+    """``spec`` is LISA's ``a||b||c`` dataset list; ``rates`` its sample rates (default equal)."""
+    names = [n.strip() for n in spec.split("||") if n.strip()]
+    if not names:
+        raise InputError("--dataset is empty: expected e.g. 'shapes' or 'refer_seg||shapes'")
+    rates = list(rates) if rates else [1.0] * len(names)
+    sources = []
+    for n in names:
+        if n == "shapes":
+            sources.append(ShapesSource(seed=seed, image_size=image_size,
+                                        **({"tasks": shapes_tasks} if shapes_tasks else {})))
+        elif n == "refer_seg":
+            if not data_root:
+                raise InputError("--dataset refer_seg needs --data-root (the folder holding refcoco/, images/)")
+            for d in refer_datasets.split("||"):
+                split_by = {"refcocog": "umd", "refclef": "unc"}.get(d, "unc")
+                sources.append(ReferSource(data_root, d, split_by))
+            if len(refer_datasets.split("||")) > 1:  # the refer rate is shared among its datasets
+                k = len(names) and names.index(n)
+                share = rates[k] / len(refer_datasets.split("||"))
+                rates = rates[:k] + [share] * len(refer_datasets.split("||")) + rates[k + 1:]
+        elif n in PLANNED_SOURCES:
+            raise InputError(f"--dataset {n}: not available in this version of groundseg "
+                             f"(available: {', '.join(KNOWN_SOURCES)})")
+        else:
+            raise InputError(f"--dataset {n}: unknown; expected one of {', '.join(KNOWN_SOURCES)}")
+    return MixedSource(sources, rates, seed)

@@ -1,0 +1,321 @@
+"""The training loop, on accelerate: one CPU, one GPU, or many GPUs/nodes (DDP, DeepSpeed ZeRO-2, FSDP through
+accelerate's config files in ``groundseg/train/configs/``).
+
+What a run does, in order: build or load the model (a preset, a folder in our format, an official checkpoint),
+add LoRA adapters and set LISA's trainable set (or train everything for a from-scratch preset), then for
+``steps`` optimizer steps: ``grad_accum`` micro-batches of ``batch_size`` images per process, AdamW with linear
+warm-up and linear decay, gradient clipping, bf16 autocast on GPU. Every ``save_every`` steps it writes an
+accelerate checkpoint (model, optimizer, scheduler, RNG states) that ``--resume`` continues from exactly; at the
+end it merges LoRA and exports the model in our format to ``<out>/final``. The run folder also gets
+``metrics.jsonl`` (one line per logged step), ``loss.png`` and ``train_config.json``.
+
+Data is indexed, not streamed: micro-batch ``m`` of process ``r`` among ``W`` holds samples
+``(m * W + r) * B ... + B - 1`` of the mixed source, each drawn from its own seeded RNG, so a resumed run and an
+uninterrupted one see the same samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import LossConfig
+from ..io import InputError
+from .data import Collator, build_source
+from .lora import LISA_TRAINABLE, apply_lora, merge_lora, set_trainable
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``train_config.json`` in the run folder is this, as JSON."""
+
+    out: str = "runs/train"
+    model: str = "lisa-tiny"  # preset, our folder, or official checkpoint folder
+    from_scratch: bool = False  # a preset built with seeded random weights (ignores a shipped trained copy)
+    vision_tower: str | None = None
+    dataset: str = "shapes"  # LISA's 'a||b' list
+    sample_rates: list[float] | None = None
+    data_root: str | None = None
+    refer_datasets: str = "refcoco"
+    shapes_tasks: dict[str, float] | None = None
+    shapes_seed: int = 0
+    steps: int = 1000
+    batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    clip_grad: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    lora: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    trainable: list[str] = field(default_factory=lambda: list(LISA_TRAINABLE))
+    frozen: list[str] = field(default_factory=list)
+    train_all: bool = False
+    ce_weight: float = 1.0
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+    seed: int = 0
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    num_workers: int = 0
+    device: str | None = None  # None: accelerate decides (cuda when present); "cpu" forces CPU
+    export: bool = True
+    progress: bool = True
+    stop_at: int | None = None  # stop (with a checkpoint) after this step; --resume continues the same schedule
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Documented recipes: `groundseg train --preset NAME` starts from these values (flags still override them).
+RECIPES: dict[str, dict[str, Any]] = {
+    # The shipped default model: everything trained from scratch on the shapes world (no LoRA: a randomly
+    # initialised LLM has nothing for adapters to adapt). Seeds fixed; ~40 minutes on 2 CPU cores.
+    "shapes-demo": dict(model="shapes-demo", from_scratch=True, dataset="shapes", lora=False, train_all=True,
+                        steps=3000, batch_size=8, grad_accum=1, lr=1e-3, min_lr_ratio=0.05, weight_decay=0.01,
+                        warmup_steps=150, clip_grad=1.0, save_every=500, log_every=25, out="runs/shapes-demo"),
+}
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float = 0.0):
+    """Linear warm-up over ``warmup`` steps from 0, then linear decay to ``min_ratio`` at ``total``."""
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(1, total - warmup)
+        return max(min_ratio, 1.0 - (1.0 - min_ratio) * min(1.0, frac))
+    return f
+
+
+def build_for_training(cfg: TrainConfig):
+    """The model a run starts from, adapters added and trainable set marked."""
+    from ..hub import build_model, load_model, load_tokenizer, ASSETS
+    from ..config import PRESETS, preset_config
+
+    torch.manual_seed(cfg.seed)
+    if cfg.from_scratch:
+        if cfg.model not in PRESETS:
+            raise InputError(f"--from-scratch needs a preset, got {cfg.model!r}")
+        pc = preset_config(cfg.model)
+        tok_dir = ASSETS / cfg.model
+        if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
+            raise InputError(f"preset {cfg.model!r} ships no tokenizer in {tok_dir}")
+        model = build_model(pc, load_tokenizer(tok_dir))
+    else:
+        model = load_model(cfg.model, vision_tower=cfg.vision_tower)
+    model.config.losses = LossConfig(ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
+                                     dice_scale=model.config.losses.dice_scale, dice_eps=model.config.losses.dice_eps)
+    if cfg.lora:
+        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    counts = set_trainable(model, cfg.trainable, cfg.frozen, cfg.train_all)
+    return model.float(), counts
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Micro-batch ``i`` of this process, collated (so DataLoader workers do generation and preprocessing)."""
+
+    def __init__(self, source, collator, batch_size: int, rank: int, world: int, start: int, stop: int):
+        self.source, self.collator = source, collator
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        m = self.start + i
+        first = (m * self.world + self.rank) * self.batch_size
+        samples = [self.source[k] for k in range(first, first + self.batch_size)]
+        batch = self.collator(samples)
+        batch.tasks = [s.task for s in samples]
+        return batch
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run training; returns the run folder. ``resume`` continues from the newest checkpoint in ``cfg.out``."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from tqdm import tqdm
+
+    out = Path(cfg.out)
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise InputError("--steps, --batch-size and --grad-accum must be at least 1")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise InputError(f"--precision {cfg.precision!r}: expected auto, fp32 or bf16")
+    cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+    mp = {"fp32": "no", "bf16": "bf16", "auto": "no" if cpu else "bf16"}[cfg.precision]
+    accelerator = Accelerator(mixed_precision=mp, cpu=cpu, gradient_accumulation_steps=cfg.grad_accum,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    ckpt = _latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise InputError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if ckpt is None and (out / "metrics.jsonl").exists() and accelerator.is_main_process:
+        raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+    model, (n_train, n_total) = build_for_training(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+    collator = Collator(model.config, model.tokenizer)
+    source = build_source(cfg.dataset, cfg.sample_rates, cfg.shapes_seed, cfg.data_root, cfg.refer_datasets,
+                          cfg.shapes_tasks)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step = 0
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    loader = torch.utils.data.DataLoader(
+        _Batches(source, collator, cfg.batch_size, accelerator.process_index, accelerator.num_processes,
+                 step * cfg.grad_accum, cfg.steps * cfg.grad_accum),
+        batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
+        # its own generator: creating the iterator would otherwise draw from the global RNG, which a resumed
+        # run has just restored, and shift every dropout mask after it
+        generator=torch.Generator().manual_seed(cfg.seed))
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
+               dynamic_ncols=True, desc="train")
+    log_sums: dict[str, float] = {}
+    n_logged = 0
+    t_last, samples_since = time.perf_counter(), 0
+    micro = 0
+    for batch in loader:
+        with accelerator.accumulate(model):
+            losses = model(batch)
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and cfg.clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss"):
+            log_sums[k] = log_sums.get(k, 0.0) + float(losses[k].detach())
+        n_logged += 1
+        samples_since += cfg.batch_size * accelerator.num_processes
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            rec = {"step": step, **{k: v / n_logged for k, v in log_sums.items()},
+                   "lr": scheduler.get_last_lr()[0], "samples_per_s": samples_since / max(now - t_last, 1e-9)}
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce_loss']:.3f}",
+                            samples_s=f"{rec['samples_per_s']:.1f}")
+            if accelerator.is_main_process:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            log_sums, n_logged, t_last, samples_since = {}, 0, now, 0
+        stopping = cfg.stop_at is not None and step >= cfg.stop_at
+        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+            _save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+            if accelerator.is_main_process:
+                plot_losses(out / "metrics.jsonl", out / "loss.png")
+        if stopping:
+            break
+    bar.close()
+    accelerator.wait_for_everyone()
+    if cfg.export and step == cfg.steps:
+        _export(accelerator, model, cfg, out / "final")
+    accelerator.end_training()
+    return out
+
+
+def _export(accelerator, model, cfg: TrainConfig, dest: Path) -> None:
+    """Merge LoRA and write the model in our format. Under FSDP the parameters are sharded, so the full state
+    dict is gathered on rank 0 and loaded into a fresh copy of the same structure first."""
+    from accelerate.utils import DistributedType
+
+    from ..hub import save_pretrained
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        state = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            final, _ = build_for_training(cfg)
+            final.load_state_dict(state)
+    else:
+        final = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        merge_lora(final)
+        save_pretrained(final.eval(), dest)
+    accelerator.wait_for_everyone()
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
+    d = out / "checkpoints" / f"step_{step:06d}"
+    accelerator.save_state(str(d))
+    if accelerator.is_main_process:
+        # trainer_state.json is written last: a checkpoint without it is incomplete and ignored by --resume.
+        (d / "trainer_state.json").write_text(json.dumps({"step": step}))
+        for old in sorted((out / "checkpoints").glob("step_*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def plot_losses(metrics: Path, png: Path, keys: tuple[str, ...] = ("loss", "ce_loss", "mask_bce_loss",
+                                                                    "mask_dice_loss")) -> None:
+    """Draw the loss curves of ``metrics.jsonl`` into a PNG (log-scale y), with OpenCV only."""
+    import cv2
+    import numpy as np
+
+    from ..io import atomic_write
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    w, h, left, right, top, bottom = 900, 500, 70, 170, 30, 50
+    img = np.full((h, w, 3), 255, np.uint8)
+    steps = np.array([r["step"] for r in rows], float)
+    vals = {k: np.array([max(r[k], 1e-6) for r in rows]) for k in keys if k in rows[0]}
+    lo = math.log10(min(v.min() for v in vals.values()))
+    hi = math.log10(max(v.max() for v in vals.values()))
+    lo, hi = math.floor(lo * 2) / 2, math.ceil(hi * 2) / 2 + (1e-9 if hi == lo else 0)
+    sx = lambda s: int(left + (s - steps.min()) / max(1e-9, steps.max() - steps.min()) * (w - left - right))
+    sy = lambda v: int(h - bottom - (math.log10(v) - lo) / max(1e-9, hi - lo) * (h - top - bottom))
+    cv2.rectangle(img, (left, top), (w - right, h - bottom), (0, 0, 0), 1)
+    for e in np.arange(lo, hi + 1e-9, 0.5):
+        y = sy(10 ** e)
+        cv2.line(img, (left, y), (w - right, y), (225, 225, 225), 1)
+        cv2.putText(img, f"{10 ** e:.3g}", (5, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    for s in np.linspace(steps.min(), steps.max(), 5):
+        cv2.putText(img, f"{int(s)}", (sx(s) - 10, h - bottom + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    cv2.putText(img, "step", (w // 2 - 40, h - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    colours = [(40, 40, 200), (200, 90, 30), (40, 160, 40), (160, 40, 160)]
+    for i, (k, v) in enumerate(vals.items()):
+        pts = np.array([[sx(s), sy(y)] for s, y in zip(steps, v)], np.int32)
+        cv2.polylines(img, [pts], False, colours[i % 4], 2, cv2.LINE_AA)
+        cv2.putText(img, k, (w - right + 10, top + 20 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colours[i % 4], 1,
+                    cv2.LINE_AA)
+    with atomic_write(png) as tmp:
+        cv2.imwrite(str(tmp), img)
