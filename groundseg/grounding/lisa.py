@@ -30,7 +30,6 @@ from .tokens import SEG, parse_boxes, token_id
 from .vlm import VisionLanguageModel
 
 EVAL_QUESTION = "What is {} in this image? Please output segmentation mask."
-EVAL_ANSWER = "[SEG]."
 
 
 @dataclass
@@ -238,13 +237,16 @@ class LisaModel(nn.Module):
 
     @torch.no_grad()
     def segment_teacher_forced(self, image, expressions: Sequence[str], question: str = EVAL_QUESTION,
-                               answer: str = EVAL_ANSWER) -> torch.Tensor:
-        """LISA's evaluation path: one forward for all ``expressions`` of one image, answer fixed to
-        ``"[SEG]."``. Returns (E, H, W) float32 mask logits at the original size."""
+                               answer: str | None = None) -> torch.Tensor:
+        """LISA's evaluation path: one forward for all ``expressions`` of one image, the answer fixed to
+        ``answer`` (default: the config's ``answer_template``, LISA's ``"[SEG]."``; a ``{}`` in it is replaced by
+        the expression, for models trained to answer with a grounded phrase). Returns (E, H, W) float32 mask
+        logits at the original size."""
+        answer = self.config.answer_template if answer is None else answer
         prep = self.prepare_image(image)
         feats = self.vlm.encode_images(prep.clip[None].to(self.device))
         prompts = [self.conversation.prompt([(image_question(question.format(e), self.config.use_im_start_end),
-                                              answer)]) for e in expressions]
+                                              answer.replace("{}", e))]) for e in expressions]
         emb = self._embed_batch([self.prompt_tokenizer(p) for p in prompts],
                                 feats.expand(len(prompts), -1, -1), left_pad=False)
         states, _ = self.vlm.run(emb.inputs_embeds, emb.attention_mask)

@@ -38,10 +38,12 @@ def corpus() -> list[str]:
     return lines
 
 
-def train_tokenizer(lines: list[str], vocab_size: int, split_digits: bool = False):
+def train_tokenizer(lines: list[str], vocab_size: int, split_digits: bool = False, seg_lstrip: bool = False):
     """Train a byte-level BPE on ``lines`` and wrap it as a ``transformers`` fast tokenizer with the grounding
     tokens added. ``split_digits`` makes every digit its own token, so box coordinates on the 0-1000 grid are
-    spelled the same way at every magnitude."""
+    spelled the same way at every magnitude. ``seg_lstrip`` lets ``[SEG]`` swallow the space before it, so in
+    ``"the red circle [SEG]"`` the token before ``[SEG]`` -- whose state prompts SAM -- is ``circle``, not a
+    content-free space."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,7 +60,12 @@ def train_tokenizer(lines: list[str], vocab_size: int, split_digits: bool = Fals
                                                        special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<unk>", padding_side="right", model_max_length=512)
-    fast.add_tokens(ADDED)  # normal added tokens, like LISA's [SEG]
+    if seg_lstrip:
+        from tokenizers import AddedToken
+
+        fast.add_tokens([AddedToken(t, lstrip=True, normalized=False) if t == SEG else t for t in ADDED])
+    else:
+        fast.add_tokens(ADDED)  # normal added tokens, like LISA's [SEG]
     return fast
 
 
@@ -72,7 +79,7 @@ def shapes_corpus(num_images: int = 400, seed: int = 9999) -> list[str]:
     training or testing."""
     from ..config import SHAPES_SYSTEM
     from ..datasets.shapes import ShapesWorld
-    from ..train.data import ANSWERS, BOX_SUFFIX, CAPTION_QUESTIONS, MULTI_QUESTIONS, QUESTIONS
+    from ..train.data import ANSWERS, BOX_SUFFIX, CAPTION_QUESTIONS, GROUNDED_ANSWERS, MULTI_QUESTIONS, QUESTIONS
 
     # Answers follow "ASSISTANT:" after a space (train/data.py), so they are learnt with their leading space.
     lines = [SHAPES_SYSTEM, "USER: ASSISTANT:", " Sure, ", " and ", *[" " + a for a in ANSWERS],
@@ -82,6 +89,7 @@ def shapes_corpus(num_images: int = 400, seed: int = 9999) -> list[str]:
         item = world.image(i)
         for e in item.expressions:
             lines += [q.format(e.text) for q in (QUESTIONS if e.kind != "multi" else MULTI_QUESTIONS)]
+            lines += [" " + a.replace("{}", e.text) for a in GROUNDED_ANSWERS[1:]]
         lines += [" " + item.caption + ".", *[" " + a for a in ANSWERS]]  # answer words as often as questions
         for b in item.box_answers:
             lines += [b.question + BOX_SUFFIX, " " + b.answer]
@@ -91,7 +99,7 @@ def shapes_corpus(num_images: int = 400, seed: int = 9999) -> list[str]:
 
 def train_shapes_tokenizer(vocab_size: int = 640):
     """The ``shapes-demo`` tokenizer."""
-    return train_tokenizer(shapes_corpus(), vocab_size, split_digits=True)
+    return train_tokenizer(shapes_corpus(), vocab_size, split_digits=True, seg_lstrip=True)
 
 
 def main(argv: list[str] | None = None) -> None:

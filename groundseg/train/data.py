@@ -29,7 +29,7 @@ import torch
 from ..config import LisaConfig
 from ..grounding.conversation import Conversation, PromptTokenizer, image_question
 from ..grounding.lisa import LisaBatch, prepare_image
-from ..grounding.tokens import IGNORE_INDEX, P_END, P_START, SEG, count_seg
+from ..grounding.tokens import IGNORE_INDEX, SEG, count_seg
 from ..io import InputError
 
 # Question and answer wordings for referring segmentation (several, so the model does not learn one phrasing).
@@ -42,6 +42,8 @@ QUESTIONS = (
     "{}",
 )
 ANSWERS = ("[SEG].", "It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].")
+# The shapes world answers with the phrase it segments, right before its [SEG] (config.SHAPES_ANSWER is the first).
+GROUNDED_ANSWERS = ("Sure, {} [SEG].", "Sure, {} [SEG].", "{} [SEG].", "It is {} [SEG].")
 MULTI_QUESTIONS = ("Segment {}.", "Please segment {} in this image.", "Can you segment {}?", "{}")
 CAPTION_QUESTIONS = ("Describe the image and ground each object.",
                      "Please give a grounded caption of this image.")
@@ -129,7 +131,7 @@ class ShapesSource:
         convs, ids = [], []
         for j in pick:
             e = single[int(j)]
-            convs.append((_choose(rng, QUESTIONS).format(e.text), _choose(rng, ANSWERS)))
+            convs.append((_choose(rng, QUESTIONS).format(e.text), _choose(rng, GROUNDED_ANSWERS).replace("{}", e.text)))
             ids.append(e.targets[0])
         return TrainSample(item.image, convs, self._masks(item, ids), "refer")
 
@@ -149,8 +151,7 @@ class ShapesSource:
         e = multi[int(rng.integers(len(multi)))]
         names = self._names_for(item)
         by_id = {o.id: o for o in item.objects}
-        parts = [f"{P_START}{names.get(i) or f'the {by_id[i].color} {by_id[i].shape}'}{P_END} {SEG}"
-                 for i in e.targets]
+        parts = [f"{names.get(i) or f'the {by_id[i].color} {by_id[i].shape}'} {SEG}" for i in e.targets]
         answer = f"Sure, {_join(parts)}."
         return TrainSample(item.image, [(_choose(rng, MULTI_QUESTIONS).format(e.text), answer)],
                            self._masks(item, list(e.targets)), "multi")
@@ -290,7 +291,7 @@ class Collator:
 
 def build_source(spec: str, rates: Sequence[float] | None, seed: int, data_root: str | None = None,
                  refer_datasets: str = "refcoco", shapes_tasks: dict[str, float] | None = None,
-                 image_size: int = 256) -> MixedSource:
+                 image_size: int = 256, max_expressions: int = 3, image_dir: str | None = None) -> MixedSource:
     """``spec`` is LISA's ``a||b||c`` dataset list; ``rates`` its sample rates (default equal)."""
     names = [n.strip() for n in spec.split("||") if n.strip()]
     if not names:
@@ -299,14 +300,14 @@ def build_source(spec: str, rates: Sequence[float] | None, seed: int, data_root:
     sources = []
     for n in names:
         if n == "shapes":
-            sources.append(ShapesSource(seed=seed, image_size=image_size,
+            sources.append(ShapesSource(seed=seed, image_size=image_size, max_expressions=max_expressions,
                                         **({"tasks": shapes_tasks} if shapes_tasks else {})))
         elif n == "refer_seg":
             if not data_root:
                 raise InputError("--dataset refer_seg needs --data-root (the folder holding refcoco/, images/)")
             for d in refer_datasets.split("||"):
                 split_by = {"refcocog": "umd", "refclef": "unc"}.get(d, "unc")
-                sources.append(ReferSource(data_root, d, split_by))
+                sources.append(ReferSource(data_root, d, split_by, image_dir=image_dir))
             if len(refer_datasets.split("||")) > 1:  # the refer rate is shared among its datasets
                 k = len(names) and names.index(n)
                 share = rates[k] / len(refer_datasets.split("||"))

@@ -1,0 +1,237 @@
+"""The training stack: collation and labels, data mixing, the schedule, a short run that learns, exact resume,
+LoRA merge, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from groundseg.grounding.tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from groundseg.train import trainer
+from groundseg.train.data import Collator, MixedSource, ShapesSource, TrainSample, build_source
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from groundseg import load_model
+
+    return load_model("lisa-tiny")
+
+
+def tiny_cfg(tmp_path, **kw) -> trainer.TrainConfig:
+    # lisa-tiny (64-pixel SAM) on 64-pixel shapes images: a few seconds per run on 2 cores
+    base = dict(out=str(tmp_path / "run"), model="lisa-tiny", dataset="shapes", shapes_tasks={"refer": 1},
+                steps=6, batch_size=2, lr=2e-3, warmup_steps=1, save_every=3, log_every=1, progress=False,
+                lora=True, trainable=["lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs"])
+    base.update(kw)
+    return trainer.TrainConfig(**base)
+
+
+@pytest.fixture()
+def small_shapes(monkeypatch):
+    """Shapes sources at 64 pixels (the tiny SAM's input size)."""
+    real = build_source
+
+    def build(*args, **kw):
+        kw["image_size"] = 64
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer, "build_source", build)
+
+
+def test_labels_cover_only_the_answer(tiny):
+    col = Collator(tiny.config, tiny.tokenizer)
+    img = np.zeros((40, 50, 3), np.uint8)
+    masks = np.zeros((2, 40, 50), bool)
+    masks[0, :10], masks[1, 20:] = True, True
+    sample = TrainSample(img, [("Segment the top.", "Sure, [SEG]."), ("and the bottom", "It is [SEG].")], masks)
+    batch = col([sample])
+    assert batch.input_ids.shape[0] == 2 and batch.offset.tolist() == [0, 2]
+    assert batch.gt_masks[0].shape == (2, 40, 50) and batch.original_sizes == [(40, 50)]
+    for row, answer in zip(range(2), ["Sure, [SEG].", "It is [SEG]."]):
+        ids, labels = batch.input_ids[row], batch.labels[row]
+        keep = labels != IGNORE_INDEX
+        # the labelled span is exactly the answer and EOS, at the end of the real (unpadded) ids
+        text = tiny.tokenizer.decode(labels[keep][:-1].tolist()).strip()
+        assert text == answer
+        assert labels[keep][-1].item() == tiny.eos_id
+        n_real = int((ids != tiny.pad_id).sum())
+        assert keep.nonzero().max().item() == n_real - 1
+        # the prompt, including the image placeholder, is never a target
+        assert (labels[ids == IMAGE_TOKEN_INDEX] == IGNORE_INDEX).all()
+        prompt = tiny.prompt_tokenizer(tiny.chat_prompt(["Segment the top.", "and the bottom"][row]))
+        assert ids[:len(prompt)].tolist() == prompt  # the same prefix ids as inference
+        assert (labels[:len(prompt)] == IGNORE_INDEX).all()
+
+
+def test_ce_ignores_image_and_prompt_positions(tiny):
+    """The CE of a batch equals a cross-entropy computed by hand over the answer positions only."""
+    col = Collator(tiny.config, tiny.tokenizer)
+    img = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    batch = col([TrainSample(img, [("What is this?", "A picture.")], np.zeros((0, 64, 64), bool))])
+    with torch.no_grad():
+        out = tiny(batch)
+        feats = tiny.vlm.encode_images(batch.clip_pixel_values)
+        emb = tiny.vlm.embed(batch.input_ids, feats, tiny.pad_id, batch.labels)
+        states, _ = tiny.vlm.run(emb.inputs_embeds, emb.attention_mask)
+        logp = tiny.vlm.logits(states)[0].log_softmax(-1)
+    targets = [(t - 1, int(emb.labels[0, t])) for t in range(1, emb.labels.shape[1])
+               if emb.labels[0, t] != IGNORE_INDEX]
+    assert len(targets) == len(tiny.tokenizer(" A picture.", add_special_tokens=False).input_ids) + 1
+    by_hand = -torch.stack([logp[p, y] for p, y in targets]).mean()
+    torch.testing.assert_close(out["ce_loss"], by_hand, rtol=1e-5, atol=1e-6)
+    assert out["mask_bce_loss"] == 0 and out["mask_dice_loss"] == 0  # no masks, no mask loss
+
+
+def test_shapes_samples_are_deterministic_and_consistent():
+    src = MixedSource([ShapesSource(seed=3, image_size=64)], [1.0], seed=5)
+    a, b = src[17], src[17]
+    assert np.array_equal(a.image, b.image) and a.conversations == b.conversations
+    assert np.array_equal(a.masks, b.masks)
+    tasks = {src[k].task for k in range(40)}
+    assert tasks == {"refer", "multi", "caption", "box"}
+    for k in range(40):
+        s = src[k]
+        if s.task == "box":
+            assert len(s.masks) == 0 and "<box>" in s.conversations[0][1]
+        else:
+            assert s.masks.any(axis=(1, 2)).all()  # every [SEG] has a non-empty mask
+        if s.task == "multi":
+            assert s.conversations[0][1].count("[SEG]") >= 2
+
+
+def test_sample_rates_are_honoured():
+    class Const:
+        def __init__(self, name):
+            self.name = name
+
+        def sample(self, rng):
+            return TrainSample(np.zeros((2, 2, 3), np.uint8), [], np.zeros((0, 2, 2), bool), self.name)
+
+    src = MixedSource([Const("a"), Const("b"), Const("c"), Const("d")], [9, 3, 3, 1], seed=0)
+    counts = {n: 0 for n in "abcd"}
+    for k in range(4000):
+        counts[src[k].task] += 1
+    for n, r in zip("abcd", [9, 3, 3, 1]):
+        assert abs(counts[n] / 4000 - r / 16) < 0.03, counts
+
+
+def test_unknown_and_planned_datasets_are_refused():
+    from groundseg.io import InputError
+
+    with pytest.raises(InputError, match="vqa: not available"):
+        build_source("shapes||vqa", [1, 1], 0)
+    with pytest.raises(InputError, match="unknown"):
+        build_source("nope", None, 0)
+    with pytest.raises(InputError, match="2 datasets but 1 sample rates"):
+        build_source("shapes||shapes", [1], 0)
+
+
+def test_schedule_warmup_then_linear_decay():
+    f = trainer.lr_lambda(warmup=4, total=14, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and abs(f(9) - 0.55) < 1e-9 and f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+
+
+def test_short_run_lowers_the_loss(tmp_path, small_shapes):
+    cfg = tiny_cfg(tmp_path, steps=40, save_every=40, lora=False, train_all=True, lr=3e-3, warmup_steps=5)
+    out = trainer.train(cfg)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    first = np.mean([r["loss"] for r in rows[:5]])
+    last = np.mean([r["loss"] for r in rows[-5:]])
+    assert last < 0.5 * first, (first, last)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, small_shapes):
+    straight = trainer.train(tiny_cfg(tmp_path / "a"))
+    trainer.train(tiny_cfg(tmp_path / "b", stop_at=3))
+    assert not (tmp_path / "b" / "run" / "final").exists()  # stopped early: no export
+    resumed = trainer.train(tiny_cfg(tmp_path / "b"), resume=True)
+    a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "lr"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k)
+
+
+def test_lora_merge_gives_the_same_outputs(tiny):
+    from groundseg.train.lora import apply_lora, has_lora, merge_lora, set_trainable
+
+    model = trainer.build_for_training(trainer.TrainConfig(model="lisa-tiny"))[0]
+    assert has_lora(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in names) and any("mask_decoder" in n for n in names)
+    assert not any("vision_tower" in n or "image_encoder" in n or "prompt_encoder" in n for n in names)
+    assert not any("lora" in n for n in names if "language_model" not in n)
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-zero adapters, so the merge has something to fold in
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    model.eval()
+    col = Collator(model.config, model.tokenizer)
+    img = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    batch = col([TrainSample(img, [("Segment it.", "Sure, [SEG].")], np.ones((1, 64, 64), bool))])
+    with torch.no_grad():
+        before = model(batch)
+        merge_lora(model)
+        after = model(batch)
+    assert not has_lora(model)
+    assert not any("lora" in k for k in model.state_dict())
+    for k in ("ce_loss", "mask_bce_loss", "mask_dice_loss"):
+        torch.testing.assert_close(before[k], after[k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(before["pred_masks"][0], after["pred_masks"][0], rtol=1e-4, atol=1e-4)
+    # and the merged model saves in our plain format (the keys of a model that never had adapters)
+    assert set(model.state_dict()) == set(tiny.state_dict())
+
+
+def test_train_cli_errors(tmp_path, capsys):
+    from groundseg.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--no-progress"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps({"stepz": 3}))
+    assert main(["train", "--config", str(tmp_path / "bad.json")]) == 2
+    assert "stepz" in capsys.readouterr().err
+    assert main(["train", "--dataset", "vqa", "--steps", "1", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "vqa" in capsys.readouterr().err
+
+
+def test_cli_values_override_the_recipe():
+    import argparse
+
+    from groundseg.train.cli import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--preset", "shapes-demo", "--steps", "7", "--sample-rates", "3,1"]))
+    assert cfg.steps == 7 and cfg.model == "shapes-demo" and cfg.from_scratch and not cfg.lora
+    assert cfg.sample_rates == [3.0, 1.0]
+    assert config_from_args(p.parse_args([])).steps == trainer.TrainConfig().steps
+
+
+def test_refer_seg_from_disk_mixed_with_shapes(tmp_path):
+    """LISA's refer_seg source reads a REFER dataset written to disk (here the shapes world) and mixes with the
+    on-the-fly shapes source by rate."""
+    from groundseg.datasets.shapes import write_shapes
+
+    write_shapes(tmp_path / "data", seed=2, images=6, image_size=64)
+    src = build_source("refer_seg||shapes", [3, 1], 0, data_root=str(tmp_path / "data"), refer_datasets="shapes",
+                       image_size=64)
+    tasks = [src[k].task for k in range(40)]
+    assert {"refer_seg", "refer", "multi", "caption", "box"} >= set(tasks) and tasks.count("refer_seg") > 20
+    s = next(src[k] for k in range(40) if src[k].task == "refer_seg")
+    assert s.image.shape == (64, 64, 3) and len(s.masks) == len(s.conversations) and s.masks.any(axis=(1, 2)).all()
+    cfg = tiny_cfg(tmp_path, dataset="refer_seg", data_root=str(tmp_path / "data"), refer_datasets="shapes",
+                   steps=2, save_every=2)
+    out = trainer.train(cfg)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
