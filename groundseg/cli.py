@@ -208,6 +208,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit {args.limit}: expected at least 1")
+    if not Path(args.data_root).is_dir():  # before loading a model, which can take minutes
+        raise InputError(f"--data-root {args.data_root}: folder not found")
     device = _device(args.device)
     model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
     common = dict(data_root=args.data_root, dataset=args.dataset, split_by=args.split_by, split=args.split,
@@ -230,6 +232,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise InputError("--images and --videos must be >= 0")
     if args.image_size < 64:
         raise InputError(f"--image-size {args.image_size}: expected at least 64")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"--out {args.out}: exists and is not a folder")
     summary = write_shapes(args.out, seed=args.seed, images=args.images, videos=args.videos,
                            image_size=args.image_size)
     print(json.dumps(summary))

@@ -91,6 +91,47 @@ def test_refer_runner_against_an_independent_count(shapes_dir):
     assert sum(report.metrics[k]["n"] for k in kinds) == len(samples)
 
 
+@pytest.mark.parametrize("mode", ["teacher", "chat"])
+def test_refer_runner_pairs_each_sentence_with_its_prediction(shapes_dir, mode):
+    """An oracle that answers each sentence with that sentence's own mask scores 1 everywhere, so any mix-up
+    between sentences and predictions would show."""
+    from groundseg.datasets.refer import load_refer
+    from groundseg.eval.refer import MULTI_QUESTION, SEG_QUESTION, evaluate_refer
+    from groundseg.io import load_image
+
+    refer = load_refer(shapes_dir, "shapes", "unc")
+    truth = {}
+    for s in refer.sentences("val"):
+        key = load_image(shapes_dir / "images" / s.file_name).tobytes()
+        truth[key, s.sentence] = refer.mask(refer.refs_by_id[s.ref_id])
+
+    def lookup(image, question):
+        for template in (SEG_QUESTION, MULTI_QUESTION):
+            head, tail = template.split("{}")
+            if question.startswith(head) and question.endswith(tail):
+                hit = truth.get((np.asarray(image).tobytes(), question[len(head):len(question) - len(tail)]))
+                if hit is not None:
+                    return hit
+        raise AssertionError(question)
+
+    class Oracle:
+        def segment_teacher_forced(self, image, expressions, question=None):
+            return torch.stack([torch.from_numpy(lookup(image, question.format(e))).float() * 2 - 1
+                                for e in expressions])
+
+        def segment(self, image, prompts, max_new_tokens=0):
+            out = []
+            for p in prompts:
+                m = lookup(image, p)[None]
+                out.append(Result(text="[SEG]", masks=m, scores=np.ones(1), boxes=np.zeros((1, 4), np.float32),
+                                  phrases=[None], sources=["seg"]))
+            return out
+
+    report = evaluate_refer(Oracle(), str(shapes_dir), "shapes", "unc", split="val", mode=mode, progress=False)
+    assert report.metrics["all"]["gIoU"] == 1.0 and report.metrics["all"]["cIoU"] == 1.0
+    assert report.metrics["all"]["n"] == len(truth)
+
+
 def test_box_runner_with_an_oracle_and_a_mute_model(shapes_dir):
     from groundseg.datasets.refer import load_refer
     from groundseg.eval.refer import evaluate_boxes

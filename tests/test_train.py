@@ -152,6 +152,9 @@ def test_resume_continues_with_the_same_losses(tmp_path, small_shapes):
     straight = trainer.train(tiny_cfg(tmp_path / "a"))
     trainer.train(tiny_cfg(tmp_path / "b", stop_at=3))
     assert not (tmp_path / "b" / "run" / "final").exists()  # stopped early: no export
+    # a crash after the checkpoint: rows logged past it must not appear twice after the resume
+    with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n")
     resumed = trainer.train(tiny_cfg(tmp_path / "b"), resume=True)
     a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
@@ -159,6 +162,13 @@ def test_resume_continues_with_the_same_losses(tmp_path, small_shapes):
     for ra, rb in zip(a, b):
         for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "lr"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k)
+
+
+def test_processes_get_disjoint_samples_covering_the_stream():
+    # 3 processes, micro-batches of 2, 4 micro-batches each: every sample index 0..23 exactly once
+    got = [k for r in range(3) for m in range(4) for k in trainer._Batches.indices(m, r, 3, 2)]
+    assert sorted(got) == list(range(24))
+    assert list(trainer._Batches.indices(1, 2, 3, 2)) == [10, 11]  # (m * W + r) * B
 
 
 def test_lora_merge_gives_the_same_outputs(tiny):
@@ -204,6 +214,14 @@ def test_train_cli_errors(tmp_path, capsys):
     assert "stepz" in capsys.readouterr().err
     assert main(["train", "--dataset", "vqa", "--steps", "1", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
     assert "vqa" in capsys.readouterr().err
+    assert main(["train", "--log-every", "0", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "--log-every 0: expected at least 1" in capsys.readouterr().err
+    assert main(["train", "--shapes-tasks", "refer=0", "--steps", "1", "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 2
+    assert "positive sum" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert main(["train", "--config", str(tmp_path / "list.json")]) == 2
+    assert "expected a JSON object" in capsys.readouterr().err
 
 
 def test_cli_values_override_the_recipe():

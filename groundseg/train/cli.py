@@ -33,6 +33,12 @@ def _rates(text: str) -> dict[str, float]:
     return out
 
 
+def _object(value, path: Path) -> dict:
+    if not isinstance(value, dict):
+        raise InputError(f"--config {path}: expected a JSON object of training options")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # unset flags stay unset, so presets and --config can fill them
     p.add_argument("--preset", choices=sorted(RECIPES), default=S,
@@ -90,7 +96,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if "config" in given:
         path = Path(given["config"])
         try:
-            values.update(json.loads(path.read_text()))
+            values = {**values, **_object(json.loads(path.read_text()), path)}
         except FileNotFoundError:
             raise InputError(f"--config {path}: no such file")
         except json.JSONDecodeError as e:

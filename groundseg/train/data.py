@@ -4,7 +4,7 @@ A *sample* is one image with one or more single-turn conversations about it (LIS
 expressions of one image in one sample, each its own conversation) and one ground-truth mask per ``[SEG]`` in
 its answers, in order. Sources are random-access by a global sample index: sample ``k`` of a run is drawn from
 ``np.random.default_rng([seed, k])`` alone, so a resumed run sees exactly the samples the uninterrupted run
-would have seen, on any number of processes.
+would have seen.
 
 Sources:
 
@@ -101,6 +101,8 @@ class ShapesSource:
         unknown = set(self.tasks) - {"refer", "multi", "caption", "box"}
         if unknown:
             raise InputError(f"shapes tasks: unknown {sorted(unknown)}; expected refer, multi, caption, box")
+        if any(r < 0 for r in self.tasks.values()) or sum(self.tasks.values()) <= 0:
+            raise InputError(f"shapes task rates must be >= 0 with a positive sum, got {self.tasks}")
         self.world = ShapesWorld(seed=self.seed, image_size=self.image_size)
         self._names = list(self.tasks)
         p = np.array([self.tasks[t] for t in self._names], dtype=np.float64)
@@ -196,6 +198,8 @@ class ReferSource:
         self.image_ids = sorted(by_image)
         self.by_image = by_image
         self.images = Path(self.image_dir) if self.image_dir else Path(self.data_root) / "images"
+        if not self.images.is_dir():
+            raise InputError(f"REFER image folder not found: {self.images} (pass --image-dir)")
 
     def sample(self, rng: np.random.Generator) -> TrainSample:
         from ..io import load_image
@@ -297,6 +301,8 @@ def build_source(spec: str, rates: Sequence[float] | None, seed: int, data_root:
     if not names:
         raise InputError("--dataset is empty: expected e.g. 'shapes' or 'refer_seg||shapes'")
     rates = list(rates) if rates else [1.0] * len(names)
+    if len(rates) != len(names):
+        raise InputError(f"{len(names)} datasets but {len(rates)} sample rates")
     sources = []
     for n in names:
         if n == "shapes":

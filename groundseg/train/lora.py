@@ -22,7 +22,12 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                      task_type="CAUSAL_LM")
-    model.vlm.language_model = get_peft_model(model.vlm.language_model, cfg)
+    try:
+        model.vlm.language_model = get_peft_model(model.vlm.language_model, cfg)
+    except ValueError as e:  # e.g. target modules that the LLM does not have
+        from ..io import InputError
+
+        raise InputError(f"--lora-targets {','.join(targets)}: {str(e).splitlines()[0][:200]}")
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -11,7 +11,7 @@ end it merges LoRA and exports the model in our format to ``<out>/final``. The r
 
 Data is indexed, not streamed: micro-batch ``m`` of process ``r`` among ``W`` holds samples
 ``(m * W + r) * B ... + B - 1`` of the mixed source, each drawn from its own seeded RNG, so a resumed run and an
-uninterrupted one see the same samples.
+uninterrupted one see the same samples (resume on the same number of processes).
 """
 
 from __future__ import annotations
@@ -145,10 +145,15 @@ class _Batches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.stop - self.start
 
+    @staticmethod
+    def indices(m: int, rank: int, world: int, batch_size: int) -> range:
+        """Sample indices of micro-batch ``m`` on process ``rank`` of ``world``."""
+        first = (m * world + rank) * batch_size
+        return range(first, first + batch_size)
+
     def __getitem__(self, i: int):
-        m = self.start + i
-        first = (m * self.world + self.rank) * self.batch_size
-        samples = [self.source[k] for k in range(first, first + self.batch_size)]
+        idx = self.indices(self.start + i, self.rank, self.world, self.batch_size)
+        samples = [self.source[k] for k in idx]
         batch = self.collator(samples)
         batch.tasks = [s.task for s in samples]
         return batch
@@ -166,8 +171,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     from tqdm import tqdm
 
     out = Path(cfg.out)
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise InputError("--steps, --batch-size and --grad-accum must be at least 1")
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "shapes_max_expressions"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected at least 1")
+    if cfg.num_workers < 0:
+        raise InputError(f"--num-workers {cfg.num_workers}: expected 0 or more")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise InputError(f"--precision {cfg.precision!r}: expected auto, fp32 or bf16")
     cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
@@ -177,7 +185,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     ckpt = _latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
         raise InputError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    if ckpt is None and (out / "metrics.jsonl").exists() and accelerator.is_main_process:
+    if ckpt is None and (out / "metrics.jsonl").exists():  # on every rank, so none is left waiting in prepare()
         raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
     model, (n_train, n_total) = build_for_training(cfg)
@@ -191,6 +199,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     source = build_source(cfg.dataset, cfg.sample_rates, cfg.shapes_seed, cfg.data_root, cfg.refer_datasets,
                           image_dir=cfg.image_dir, shapes_tasks=cfg.shapes_tasks, image_size=cfg.shapes_image_size,
                           max_expressions=cfg.shapes_max_expressions)
+    if accelerator.state.deepspeed_plugin is not None:
+        # The DataLoader is ours (not prepared), so DeepSpeed cannot infer these "auto" values itself.
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds["gradient_accumulation_steps"] = cfg.grad_accum
+        ds["gradient_clipping"] = cfg.clip_grad
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
@@ -198,6 +212,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        if accelerator.is_main_process:  # a crash after the checkpoint left rows the resumed run will log again
+            _trim_metrics(out / "metrics.jsonl", step)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -223,7 +239,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             accelerator.backward(losses["loss"])
             if accelerator.sync_gradients and cfg.clip_grad:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                log_sums["grad_norm"] = log_sums.get("grad_norm", 0.0) + float(grad_norm) * cfg.grad_accum
+                if grad_norm is not None:  # DeepSpeed clips inside its engine and returns None
+                    log_sums["grad_norm"] = log_sums.get("grad_norm", 0.0) + float(grad_norm) * cfg.grad_accum
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss"):
@@ -281,9 +298,16 @@ def _export(accelerator, model, cfg: TrainConfig, dest: Path) -> None:
     accelerator.wait_for_everyone()
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    if path.is_file():
+        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
 def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
     d = out / "checkpoints" / f"step_{step:06d}"
     accelerator.save_state(str(d))
+    accelerator.wait_for_everyone()  # every rank's shards and RNG states are on disk before the marker
     if accelerator.is_main_process:
         # trainer_state.json is written last: a checkpoint without it is incomplete and ignored by --resume.
         (d / "trainer_state.json").write_text(json.dumps({"step": step}))
@@ -306,6 +330,9 @@ def plot_losses(metrics: Path, png: Path, keys: tuple[str, ...] = ("loss", "ce_l
     w, h, left, right, top, bottom = 900, 500, 70, 170, 30, 50
     img = np.full((h, w, 3), 255, np.uint8)
     steps = np.array([r["step"] for r in rows], float)
+    rows = [r for r in rows if all(math.isfinite(r.get(k, 0.0)) for k in keys)]  # a NaN step is not drawn
+    if not rows:
+        return
     vals = {k: np.array([max(r[k], 1e-6) for r in rows]) for k in keys if k in rows[0]}
     lo = math.log10(min(v.min() for v in vals.values()))
     hi = math.log10(max(v.max() for v in vals.values()))
