@@ -104,3 +104,17 @@ def test_shipped_tokenizer_is_reproducible(tmp_path):
     text = "What is the red circle in this image? Sure, [SEG]. <ref>a</ref><box>(1,2),(3,4)</box>"
     assert shipped(text).input_ids == fresh(text).input_ids
     assert shipped.convert_tokens_to_ids("[SEG]") in shipped(text).input_ids
+
+
+def test_shapes_tokenizer_is_reproducible_and_spells_digits():
+    """shapes-demo's tokenizer: rebuilt by our code from the shapes world, digits one per token, and [SEG] swallowing
+    the space before it (so the state that prompts SAM is the phrase's last word)."""
+    from groundseg.grounding.tiny_tokenizer import train_shapes_tokenizer
+    from groundseg.hub import ASSETS, load_tokenizer
+
+    shipped = load_tokenizer(ASSETS / "shapes-demo")
+    assert shipped.get_vocab() == train_shapes_tokenizer().get_vocab()
+    ids = shipped(" Sure, the red circle [SEG]. <box>(120,985)", add_special_tokens=False).input_ids
+    toks = shipped.convert_ids_to_tokens(ids)
+    assert toks[toks.index("[SEG]") - 1] == "Ġcircle"
+    assert [t for t in toks if t.isdigit()] == list("120985")
