@@ -43,18 +43,24 @@ class ReferReport:
                 "records": self.records}
 
 
-def _group_by_image(samples) -> dict[int, list]:
-    out: dict[int, list] = {}
+def _load_split(data_root: str, dataset: str | None, split_by: str | None, split: str, image_dir: str | None,
+                limit: int | None, single_only: bool):
+    """(refer, image folder, {image_id: [ReferSample]} of the first ``limit`` images) for one split."""
+    from ..datasets.refer import load_refer
+
+    refer = load_refer(data_root, dataset, split_by)
+    samples = [s for s in refer.sentences(split) if not single_only or len(s.ann_ids) == 1]
+    if not samples:
+        what = "single-target sentences" if single_only else "sentences"
+        raise InputError(f"{refer.source}: no {what} in split {split!r} (splits: {', '.join(refer.splits)})")
+    images = Path(image_dir) if image_dir else Path(data_root) / "images"
+    if not images.is_dir():
+        raise InputError(f"image folder not found: {images} (pass --image-dir)")
+    by_image: dict[int, list] = {}
     for s in samples:
-        out.setdefault(s.image_id, []).append(s)
-    return out
-
-
-def _images_dir(data_root: Path, image_dir: str | None) -> Path:
-    d = Path(image_dir) if image_dir else data_root / "images"
-    if not d.is_dir():
-        raise InputError(f"image folder not found: {d} (pass --image-dir)")
-    return d
+        by_image.setdefault(s.image_id, []).append(s)
+    keep = list(by_image)[:limit] if limit else list(by_image)
+    return refer, images, {i: by_image[i] for i in keep}
 
 
 @torch.no_grad()
@@ -64,20 +70,12 @@ def evaluate_refer(model, data_root: str, dataset: str | None = None, split_by: 
     """cIoU / gIoU / Prec@X of ``split``, overall and per expression kind (``limit`` = first N images)."""
     from tqdm import tqdm
 
-    from ..datasets.refer import load_refer
-
     if mode not in ("teacher", "chat"):
         raise InputError(f"mode {mode!r}: expected 'teacher' or 'chat'")
-    refer = load_refer(data_root, dataset, split_by)
-    samples = list(refer.sentences(split))
-    if not samples:
-        raise InputError(f"{refer.source}: no sentences in split {split!r} (splits: {', '.join(refer.splits)})")
-    images = _images_dir(Path(data_root), image_dir)
-    by_image = _group_by_image(samples)
-    image_ids = list(by_image)[:limit] if limit else list(by_image)
+    refer, images, by_image = _load_split(data_root, dataset, split_by, split, image_dir, limit, single_only=False)
     meter, records = IoUMeter(), []
-    for image_id in tqdm(image_ids, desc=f"eval {dataset or Path(data_root).name} {split}", disable=not progress):
-        group = by_image[image_id]
+    for group in tqdm(by_image.values(), desc=f"eval {dataset or Path(data_root).name} {split}",
+                      disable=not progress):
         rgb = load_image(images / group[0].file_name)
         gts = {s.ref_id: refer.mask(refer.refs_by_id[s.ref_id]) for s in group}
         single = [s for s in group if len(s.ann_ids) == 1 or mode == "chat"]
@@ -115,20 +113,12 @@ def evaluate_boxes(model, data_root: str, dataset: str | None = None, split_by: 
     """Box grounding Acc@0.5 (and mean IoU) of single-target sentences of ``split``, overall and per kind."""
     from tqdm import tqdm
 
-    from ..datasets.refer import load_refer
     from ..grounding.tokens import parse_boxes
 
-    refer = load_refer(data_root, dataset, split_by)
-    samples = [s for s in refer.sentences(split) if len(s.ann_ids) == 1]
-    if not samples:
-        raise InputError(f"{refer.source}: no single-target sentences in split {split!r}")
-    images = _images_dir(Path(data_root), image_dir)
-    by_image = _group_by_image(samples)
-    image_ids = list(by_image)[:limit] if limit else list(by_image)
+    refer, images, by_image = _load_split(data_root, dataset, split_by, split, image_dir, limit, single_only=True)
     hits: dict[str, list[float]] = {}
     records = []
-    for image_id in tqdm(image_ids, desc="eval boxes", disable=not progress):
-        group = by_image[image_id]
+    for group in tqdm(by_image.values(), desc="eval boxes", disable=not progress):
         rgb = load_image(images / group[0].file_name)
         h, w = rgb.shape[:2]
         for i in range(0, len(group), chunk):

@@ -95,10 +95,11 @@ class PromptTokenizer:
         for k, chunk in enumerate(text.split(IMAGE)):
             if k:
                 ids.append(IMAGE_TOKEN_INDEX)
-            ids.extend(self._encode_chunk(chunk))
+            ids.extend(self.encode_chunk(chunk))
         return ([self.bos_id] if self.bos_id is not None else []) + ids
 
-    def _encode_chunk(self, text: str) -> list[int]:
+    def encode_chunk(self, text: str) -> list[int]:
+        """Ids of text that continues a prompt (no BOS, no ``<image>``), e.g. an answer appended for training."""
         if self.mode == "plain":
             return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
         pieces = self._split.split(text) if self._split else [text]

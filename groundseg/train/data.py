@@ -264,7 +264,7 @@ class Collator:
         turn) and the answer is appended after it, so training and generation see the same prefix ids."""
         prefix = self.conversation.prompt([(image_question(question, self.config.use_im_start_end), None)])
         prompt_ids = self.prompt_tokenizer(prefix)
-        answer_ids = self.prompt_tokenizer._encode_chunk(" " + answer) + [self.eos_id]
+        answer_ids = self.prompt_tokenizer.encode_chunk(" " + answer) + [self.eos_id]
         return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
     def __call__(self, samples: list[TrainSample]) -> LisaBatch:
