@@ -191,7 +191,7 @@ def _safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = None,
                dtype: torch.dtype | None = None, vision_tower: str | os.PathLike | None = None) -> LisaModel:
-    """Load a preset (``lisa-tiny``, ``lisa-7b``, ``lisa-13b``), a folder in our format, or an official LISA
+    """Load a preset (``shapes-demo``, ``lisa-tiny``, ``lisa-7b``, ``lisa-13b``), a folder in our format, or an official LISA
     checkpoint folder (CLIP from ``vision_tower``, else from the checkpoint's config). ``None`` = the default
     model. Raises :class:`CheckpointError` / :class:`InputError` with one line on bad input."""
     name = str(name_or_path) if name_or_path is not None else default_model()
@@ -224,8 +224,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
 
 
 def default_model() -> str:
-    """The model used when none is named."""
-    return "lisa-tiny"
+    """The model used when none is named: the shipped ``shapes-demo`` (trained by ``groundseg train --preset
+    shapes-demo``), or ``lisa-tiny`` in a checkout whose shapes-demo weights are missing."""
+    return "shapes-demo" if (ASSETS / "shapes-demo" / WEIGHTS_NAME).is_file() else "lisa-tiny"
 
 
 # ------------------------------------------------------------------------------------------ our format

@@ -107,8 +107,9 @@ def test_shipped_tokenizer_is_reproducible(tmp_path):
 
 
 def test_shapes_tokenizer_is_reproducible_and_spells_digits():
-    """shapes-demo's tokenizer: rebuilt by our code from the shapes world, digits one per token, and [SEG] swallowing
-    the space before it (so the state that prompts SAM is the phrase's last word)."""
+    """shapes-demo's tokenizer: rebuilt by our code from the shapes world, digits one per token, each object name
+    one token (longest match), and [SEG] swallowing the space before it (so the state that prompts SAM is the
+    name's token)."""
     from groundseg.grounding.tiny_tokenizer import train_shapes_tokenizer
     from groundseg.hub import ASSETS, load_tokenizer
 
@@ -116,5 +117,12 @@ def test_shapes_tokenizer_is_reproducible_and_spells_digits():
     assert shipped.get_vocab() == train_shapes_tokenizer().get_vocab()
     ids = shipped(" Sure, the red circle [SEG]. <box>(120,985)", add_special_tokens=False).input_ids
     toks = shipped.convert_ids_to_tokens(ids)
-    assert toks[toks.index("[SEG]") - 1] == "Ġcircle"
+    assert toks[toks.index("[SEG]") - 1] == " red circle"
     assert [t for t in toks if t.isdigit()] == list("120985")
+    for text, name in [(" the small red circle [SEG]", " small red circle"), (" all the large shapes", " large shapes"),
+                       (" the second blue triangle from the left", " blue triangle")]:
+        toks = shipped.convert_ids_to_tokens(shipped(text, add_special_tokens=False).input_ids)
+        assert name in toks, toks
+        assert shipped.decode(shipped(text, add_special_tokens=False).input_ids) == text.replace(" [SEG]", "[SEG]")
+    # single words stay ordinary BPE tokens
+    assert shipped.convert_ids_to_tokens(shipped(" the circle", add_special_tokens=False).input_ids) == ["Ġthe", "Ġcircle"]

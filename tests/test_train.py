@@ -253,3 +253,93 @@ def test_refer_seg_from_disk_mixed_with_shapes(tmp_path):
                    steps=2, save_every=2)
     out = trainer.train(cfg)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_refer_answers_name_the_target_whatever_the_question():
+    # "the square left of the green star" is answered "... the blue square [SEG]": the phrase before [SEG] is the
+    # target's own shortest unique name, so the decoder never sees the anchor's noun there.
+    src = ShapesSource(seed=0, image_size=128, tasks={"refer": 1}, max_expressions=8)
+    seen_kinds = set()
+    for i in range(12):
+        item = src.world.image(i)
+        names = src._names_for(item)
+        kinds = {e.text: e.kind for e in item.expressions}
+        s = src._refer(item, np.random.default_rng(i))
+        if s is None:
+            continue
+        for (q, a), mask in zip(s.conversations, s.masks):
+            target = next(o for o in item.objects if np.array_equal(o.mask, mask))
+            expr = next(t for t in sorted(kinds, key=len, reverse=True) if t in q)
+            seen_kinds.add(kinds[expr])
+            named = expr if kinds[expr] == "attribute" else names[target.id]
+            assert a.replace("Sure, ", "").replace("It is ", "") == f"{named} [SEG]."
+    assert {"attribute", "relational", "ordinal"} <= seen_kinds
+
+
+def test_objects_task_names_every_object_left_to_right():
+    from groundseg.datasets.shapes import COLORS, SHAPES, SIZES
+
+    src = ShapesSource(seed=0, image_size=128, tasks={"objects": 1})
+    item = next(it for it in (src.world.image(i) for i in range(20)) if len(it.objects) >= 3)
+    names = src._names_for(item)
+    s = src._objects(item, np.random.default_rng(0))
+    objs = sorted((o for o in item.objects if o.id in names), key=lambda o: o.center[0])
+    assert s.conversations[0][1].count("[SEG]") == len(objs) == len(s.masks)
+    pos = [s.conversations[0][1].index(f"{names[o.id]} [SEG]") for o in objs]
+    assert pos == sorted(pos)
+    for o, m, attrs in zip(objs, s.masks, s.mask_attributes):
+        assert np.array_equal(m, o.mask)
+        assert tuple(attrs) == (list(COLORS).index(o.color) + 1, list(SHAPES).index(o.shape) + 1,
+                                list(SIZES).index(o.size) + 1)
+        assert (s.attribute_map[1][o.mask] == attrs[1]).all()
+    background = ~np.any([o.mask for o in item.objects], axis=0)
+    assert (s.attribute_map[:, background] == 0).all()
+
+
+def test_grid_labels_sample_pixel_centres_and_ignore_the_padding():
+    from groundseg.train.data import grid_labels
+
+    amap = np.arange(16, dtype=np.uint8).reshape(1, 4, 4)
+    # a 4x4 image shown at 4x4 inside an 8x8 SAM input; the 4x4 grid covers it with 2x2 cells
+    out = grid_labels(amap, (4, 4), image_size=8, grid=4)
+    assert out.dtype == np.int64 and out.shape == (1, 4, 4)
+    assert out[0, :2, :2].tolist() == [[5, 7], [13, 15]]  # centres of cells 0, 1 -> source pixels 1, 3
+    assert (out[0, 2:] == IGNORE_INDEX).all() and (out[0, :, 2:] == IGNORE_INDEX).all()
+
+
+def test_attribute_probe_losses_against_hand_values():
+    import math
+
+    from groundseg.train.probes import AttributeProbes
+
+    probes = AttributeProbes(8, 4, (7, 7, 3))
+    for p in probes.parameters():
+        torch.nn.init.zeros_(p)  # uniform logits: every head's CE is log(its class count)
+    maps = torch.full((2, 3, 4, 4), IGNORE_INDEX)
+    maps[0, :, 0, 0] = torch.tensor([1, 2, 1])
+    maps[1, :, 3, 3] = torch.tensor([0, 0, 2])
+    image, prompt = probes.losses(torch.randn(2, 8, 2, 2), torch.randn(3, 4), maps,
+                                  torch.tensor([[1, 1, 1], [2, 2, 2], [6, 6, 2]]))
+    expected = 2 * math.log(7) + math.log(3)
+    assert image.item() == pytest.approx(expected, rel=1e-6)
+    assert prompt.item() == pytest.approx(expected, rel=1e-6)
+    # a confident, correct probe has (almost) no loss
+    with torch.no_grad():
+        probes.prompt.bias[:] = -20
+        probes.prompt.bias[[1, 7 + 1, 14 + 1]] = 20
+    _, prompt = probes.losses(torch.randn(1, 8, 2, 2), torch.randn(1, 4), maps[:1], torch.tensor([[1, 1, 1]]))
+    assert prompt.item() < 1e-6
+
+
+def test_attribute_probes_train_and_stay_out_of_the_export(tmp_path, small_shapes):
+    from safetensors import safe_open
+
+    from groundseg import load_model
+
+    out = trainer.train(tiny_cfg(tmp_path, steps=2, attribute_weight=0.5, shapes_tasks={"objects": 1, "refer": 1}))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["attr_loss"] > 0 for r in rows)
+    with safe_open(str(out / "final" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("probes" in k for k in keys) and not any(k.startswith("model.") for k in keys)
+    load_model(out / "final")

@@ -18,7 +18,6 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
@@ -56,13 +55,13 @@ def sam_preprocess(image: np.ndarray, cfg: SamConfig, resize: ResizeLongestSide 
     A function of the config alone, so data loaders can run it without holding the model."""
     resize = resize or ResizeLongestSide(cfg.image_size)
     resized = resize.apply_image(image)  # PIL bilinear, longest side -> S
-    x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
-    mean = torch.tensor(cfg.pixel_mean).view(3, 1, 1)
-    std = torch.tensor(cfg.pixel_std).view(3, 1, 1)
-    x = (x - mean) / std
-    h, w = x.shape[-2:]
-    x = F.pad(x, (0, cfg.image_size - w, 0, cfg.image_size - h))
-    return x, (int(h), int(w))
+    h, w = resized.shape[:2]
+    # float32 numpy arithmetic (the same IEEE operations torch would do, without per-op dispatch: data loaders
+    # call this for every training image)
+    x = (resized.astype(np.float32) - np.asarray(cfg.pixel_mean, np.float32)) / np.asarray(cfg.pixel_std, np.float32)
+    out = np.zeros((3, cfg.image_size, cfg.image_size), np.float32)
+    out[:, :h, :w] = x.transpose(2, 0, 1)
+    return torch.from_numpy(out), (int(h), int(w))
 
 
 class SamDecoder(nn.Module):

@@ -60,6 +60,11 @@ class LisaBatch:
     input_sizes: list[tuple[int, int]]
     original_sizes: list[tuple[int, int]]
     gt_masks: list[torch.Tensor]
+    # Shapes-world extras for the auxiliary attribute loss (train/probes.py): (B_img, 3, g, g) class labels on
+    # SAM's low-resolution grid and (n_masks, 3) the classes of each mask's object.
+    attribute_maps: torch.Tensor | None = None
+    mask_attributes: torch.Tensor | None = None
+    tasks: list[str] | None = None
 
 
 def clip_preprocess(rgb: np.ndarray, config: LisaConfig) -> torch.Tensor:
@@ -274,18 +279,20 @@ class LisaModel(nn.Module):
         with torch.no_grad() if not any(p.requires_grad for p in self.sam.sam.image_encoder.parameters()) \
                 else torch.enable_grad():
             sam_emb = self.sam.encode(batch.sam_pixel_values.to(dev))
-        pred_masks = []
+        pred_masks, prompts = [], []
         for i in range(len(offset) - 1):
             states_i = [s for s in seg[offset[i]:offset[i + 1]] if len(s)]
             if not states_i:
                 pred_masks.append(torch.zeros(0, *batch.original_sizes[i], device=dev))
                 continue
-            low_res, _ = self.sam.decode(sam_emb[i:i + 1], self.seg_projector(torch.cat(states_i)))
+            prompts.append(self.seg_projector(torch.cat(states_i)))
+            low_res, _ = self.sam.decode(sam_emb[i:i + 1], prompts[-1])
             pred_masks.append(self.sam.postprocess(low_res, batch.input_sizes[i], batch.original_sizes[i])[:, 0])
         bce, dice = mask_losses(pred_masks, [g.to(dev) for g in batch.gt_masks], self.config.losses)
         mask_loss = bce + dice
         return {"loss": ce + mask_loss, "ce_loss": ce, "mask_bce_loss": bce, "mask_dice_loss": dice,
-                "mask_loss": mask_loss, "pred_masks": pred_masks}
+                "mask_loss": mask_loss, "pred_masks": pred_masks, "sam_embeddings": sam_emb,
+                "seg_prompts": torch.cat(prompts) if prompts else sam_emb.new_zeros(0, self.config.out_dim)}
 
 
 def make_result(text: str, logits: torch.Tensor, phrases: list[str | None], sources: list[str]) -> Result:

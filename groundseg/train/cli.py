@@ -78,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ce-weight", type=float, default=S)
     p.add_argument("--bce-weight", type=float, default=S)
     p.add_argument("--dice-weight", type=float, default=S)
+    p.add_argument("--attribute-weight", type=float, default=S,
+                   help="auxiliary colour/shape/size probes on SAM's embedding and the [SEG] prompts (shapes data)")
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--save-every", type=int, default=S)
     p.add_argument("--log-every", type=int, default=S)

@@ -9,8 +9,10 @@ would have seen.
 Sources:
 
 * ``shapes`` -- the procedural shapes world (``datasets/shapes.py``), generated on the fly; tasks ``refer``
-  (single-target expressions of every kind), ``multi`` (one ``[SEG]`` per object), ``caption`` (grounded caption)
-  and ``box`` (``<ref>``/``<box>`` answers, no mask).
+  (single-target expressions of every kind, answered with the target's name: "Sure, the blue square [SEG]."),
+  ``multi`` (one ``[SEG]`` per object), ``objects`` (every object of the image named, one ``[SEG]`` each),
+  ``caption`` (grounded caption) and ``box`` (``<ref>``/``<box>`` answers, no mask). Its samples also carry
+  dense colour/shape/size labels for the optional attribute probes (``train/probes.py``).
 * ``refer_seg`` -- REFER datasets on disk (RefCOCO/+/g, or shapes written by ``groundseg data shapes``).
 
 LISA's ``--dataset sem_seg||refer_seg||vqa||reason_seg --sample_rates 9,3,3,1`` is written the same way here
@@ -48,6 +50,8 @@ MULTI_QUESTIONS = ("Segment {}.", "Please segment {} in this image.", "Can you s
 CAPTION_QUESTIONS = ("Describe the image and ground each object.",
                      "Please give a grounded caption of this image.")
 BOX_SUFFIX = " Answer with a box."
+OBJECTS_QUESTIONS = ("Segment every shape.", "Segment all the shapes in this image.", "What shapes are there?")
+SHAPES_TASKS = ("refer", "multi", "objects", "caption", "box")
 
 
 @dataclass
@@ -59,6 +63,11 @@ class TrainSample:
     conversations: list[tuple[str, str]]
     masks: np.ndarray
     task: str = ""
+    # Optional dense attribute labels for the auxiliary attribute loss (``train/probes.py``): (3, H, W) uint8, the
+    # colour, shape and size class of the object seen at each pixel (0 = background), and (n, 3) the same classes
+    # of each mask's object. Only the shapes world has them.
+    attribute_map: np.ndarray | None = None
+    mask_attributes: np.ndarray | None = None
 
     def __post_init__(self):
         n = sum(count_seg(a) for _, a in self.conversations)
@@ -82,11 +91,28 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def attribute_labels(item, mask_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A shapes-world image's dense attribute labels: (3, H, W) uint8 colour/shape/size class of the visible
+    object at each pixel (1-based indices into ``COLORS``, ``SHAPES``, ``SIZES``; 0 = background), and (n, 3) the
+    classes of the objects ``mask_ids``."""
+    from ..datasets.shapes import COLORS, SHAPES, SIZES
+
+    colors, shapes, sizes = list(COLORS), list(SHAPES), list(SIZES)
+    amap = np.zeros((3, *item.image.shape[:2]), np.uint8)
+    by_id = {}
+    for o in item.objects:
+        cls = (colors.index(o.color) + 1, shapes.index(o.shape) + 1, sizes.index(o.size) + 1)
+        by_id[o.id] = cls
+        for k in range(3):
+            amap[k][o.mask] = cls[k]
+    return amap, np.array([by_id[i] for i in mask_ids], np.int64).reshape(-1, 3)
+
+
 @dataclass
 class ShapesSource:
     """Samples from the procedural shapes world, generated on the fly (image index drawn per sample).
 
-    ``tasks`` maps task -> rate among ``refer``, ``multi``, ``caption``, ``box``."""
+    ``tasks`` maps task -> rate among ``refer``, ``multi``, ``objects``, ``caption``, ``box``."""
 
     seed: int = 0
     image_size: int = 256
@@ -98,9 +124,9 @@ class ShapesSource:
     def __post_init__(self):
         from ..datasets.shapes import ShapesWorld
 
-        unknown = set(self.tasks) - {"refer", "multi", "caption", "box"}
+        unknown = set(self.tasks) - set(SHAPES_TASKS)
         if unknown:
-            raise InputError(f"shapes tasks: unknown {sorted(unknown)}; expected refer, multi, caption, box")
+            raise InputError(f"shapes tasks: unknown {sorted(unknown)}; expected {', '.join(SHAPES_TASKS)}")
         if any(r < 0 for r in self.tasks.values()) or sum(self.tasks.values()) <= 0:
             raise InputError(f"shapes task rates must be >= 0 with a positive sum, got {self.tasks}")
         self.world = ShapesWorld(seed=self.seed, image_size=self.image_size)
@@ -125,17 +151,30 @@ class ShapesSource:
             return np.zeros((0, *item.image.shape[:2]), bool)
         return np.stack([by_id[i].mask for i in ids])
 
+    def _sample(self, item, convs, ids: list[int], task: str) -> TrainSample:
+        amap, mattr = attribute_labels(item, ids)
+        return TrainSample(item.image, convs, self._masks(item, ids), task, amap, mattr)
+
     def _refer(self, item, rng) -> TrainSample | None:
-        single = [e for e in item.expressions if e.kind != "multi"]
+        # The answer names the target by its shortest unique attribute description, whatever the question's kind
+        # ("the square left of the green star" -> "Sure, the blue square [SEG]."), so the state before [SEG] is
+        # always that of the target's own noun: the LLM resolves the reference (learnt through CE), the mask
+        # decoder only ever maps a name to its object. Echoing the question instead puts the *anchor's* noun
+        # ("star") before [SEG] in relational expressions and teaches the decoder the opposite of what
+        # attribute expressions teach. Targets without a unique name (exact duplicates) are left out.
+        names = self._names_for(item)
+        single = [e for e in item.expressions
+                  if e.kind != "multi" and (e.kind == "attribute" or e.targets[0] in names)]
         if not single:
             return None
         pick = rng.permutation(len(single))[: self.max_expressions]
         convs, ids = [], []
         for j in pick:
             e = single[int(j)]
-            convs.append((_choose(rng, QUESTIONS).format(e.text), _choose(rng, GROUNDED_ANSWERS).replace("{}", e.text)))
+            name = e.text if e.kind == "attribute" else names[e.targets[0]]
+            convs.append((_choose(rng, QUESTIONS).format(e.text), _choose(rng, GROUNDED_ANSWERS).replace("{}", name)))
             ids.append(e.targets[0])
-        return TrainSample(item.image, convs, self._masks(item, ids), "refer")
+        return self._sample(item, convs, ids, "refer")
 
     @staticmethod
     def _names_for(item) -> dict[int, str]:
@@ -155,21 +194,29 @@ class ShapesSource:
         by_id = {o.id: o for o in item.objects}
         parts = [f"{names.get(i) or f'the {by_id[i].color} {by_id[i].shape}'} {SEG}" for i in e.targets]
         answer = f"Sure, {_join(parts)}."
-        return TrainSample(item.image, [(_choose(rng, MULTI_QUESTIONS).format(e.text), answer)],
-                           self._masks(item, list(e.targets)), "multi")
+        return self._sample(item, [(_choose(rng, MULTI_QUESTIONS).format(e.text), answer)], list(e.targets), "multi")
+
+    def _objects(self, item, rng) -> TrainSample | None:
+        # Every object that has a unique name, left to right: the most masks per LLM pass of any task.
+        names = self._names_for(item)
+        objs = sorted((o for o in item.objects if o.id in names), key=lambda o: o.center[0])
+        if not objs:
+            return None
+        answer = f"Sure, {_join([f'{names[o.id]} {SEG}' for o in objs])}."
+        return self._sample(item, [(_choose(rng, OBJECTS_QUESTIONS), answer)], [o.id for o in objs], "objects")
 
     def _caption(self, item, rng) -> TrainSample | None:
         if not item.caption_targets:
             return None
-        return TrainSample(item.image, [(_choose(rng, CAPTION_QUESTIONS), item.caption + ".")],
-                           self._masks(item, list(item.caption_targets)), "caption")
+        return self._sample(item, [(_choose(rng, CAPTION_QUESTIONS), item.caption + ".")],
+                            list(item.caption_targets), "caption")
 
     def _box(self, item, rng) -> TrainSample | None:
         if not item.box_answers:
             return None
         b = item.box_answers[int(rng.integers(len(item.box_answers)))]
         q = b.question if b.question.endswith(BOX_SUFFIX.strip()) else b.question + BOX_SUFFIX
-        return TrainSample(item.image, [(q, b.answer)], self._masks(item, []), "box")
+        return self._sample(item, [(q, b.answer)], [], "box")
 
 
 # ---------------------------------------------------------------------------------------------- REFER on disk
@@ -288,9 +335,29 @@ class Collator:
         for r, (i, lab) in enumerate(zip(ids, labels)):
             input_ids[r, :len(i)] = torch.tensor(i)
             label_t[r, :len(lab)] = torch.tensor(lab)
-        return LisaBatch(input_ids=input_ids, labels=label_t, clip_pixel_values=torch.stack(clip),
-                         sam_pixel_values=torch.stack(sam), offset=torch.tensor(offset),
-                         input_sizes=in_sizes, original_sizes=orig_sizes, gt_masks=gts)
+        batch = LisaBatch(input_ids=input_ids, labels=label_t, clip_pixel_values=torch.stack(clip),
+                          sam_pixel_values=torch.stack(sam), offset=torch.tensor(offset),
+                          input_sizes=in_sizes, original_sizes=orig_sizes, gt_masks=gts)
+        if all(s.attribute_map is not None for s in samples):
+            grid = 4 * self.config.sam.embedding_size  # SAM's low-resolution mask grid
+            batch.attribute_maps = torch.stack([
+                torch.from_numpy(grid_labels(s.attribute_map, size, self.config.sam.image_size, grid))
+                for s, size in zip(samples, in_sizes)])
+            batch.mask_attributes = torch.from_numpy(np.concatenate([s.mask_attributes for s in samples]))
+        return batch
+
+
+def grid_labels(amap: np.ndarray, input_size: tuple[int, int], image_size: int, grid: int) -> np.ndarray:
+    """(C, H, W) class labels -> (C, grid, grid) int64 on SAM's low-resolution grid (nearest pixel centre): the
+    image occupies the top-left ``input_size`` of SAM's ``image_size`` square; the padding is ``IGNORE_INDEX``."""
+    c, h0, w0 = amap.shape
+    gh = max(1, round(input_size[0] * grid / image_size))
+    gw = max(1, round(input_size[1] * grid / image_size))
+    ys = np.minimum(((np.arange(gh) + 0.5) * h0 / gh).astype(np.int64), h0 - 1)
+    xs = np.minimum(((np.arange(gw) + 0.5) * w0 / gw).astype(np.int64), w0 - 1)
+    out = np.full((c, grid, grid), IGNORE_INDEX, np.int64)
+    out[:, :gh, :gw] = amap[:, ys][:, :, xs]
+    return out
 
 
 def build_source(spec: str, rates: Sequence[float] | None, seed: int, data_root: str | None = None,

@@ -71,6 +71,7 @@ class TrainConfig:
     ce_weight: float = 1.0
     bce_weight: float = 2.0
     dice_weight: float = 0.5
+    attribute_weight: float = 0.0  # auxiliary attribute probes (train/probes.py); shapes-world data only
     seed: int = 0
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -88,15 +89,20 @@ class TrainConfig:
 # Documented recipes: `groundseg train --preset NAME` starts from these values (flags still override them).
 RECIPES: dict[str, dict[str, Any]] = {
     # The shipped default model: everything trained from scratch on the shapes world (no LoRA: a randomly
-    # initialised LLM has nothing for adapters to adapt). Seeds fixed; ~40 minutes on 2 CPU cores.
-    # ce_weight 0.1: under AdamW the CE gradient (~100x the mask losses' in the LLM) would otherwise set the LLM's
-    # step sizes alone and drown the signal that teaches the [SEG] state to carry the phrase; the text is still
-    # learnt at full speed, since Adam's steps do not depend on a loss's scale.
+    # initialised LLM has nothing for adapters to adapt). Seeds fixed; about 40 minutes on 2 CPU cores.
+    # - Answers name the target ("Sure, the blue square [SEG].") and every name is one token (see
+    #   tiny_tokenizer.shapes_name_phrases), so the state before [SEG] always carries the target's name.
+    # - attribute_weight: auxiliary colour/shape/size probes (train/probes.py), the dense signal that teaches a
+    #   from-scratch SAM encoder what a circle is far sooner than the mask losses alone.
+    # - ce_weight 0.01: under AdamW a loss's scale does not slow its own parameters, but in the shared LLM weights
+    #   the CE gradient (~100x the mask losses') would otherwise set the step sizes alone.
+    # - "objects" (every object named, one [SEG] each) gives the most masks per LLM pass; grounded captions are
+    #   left out (their [SEG] follows "</p>", a state that needs what the names give for free).
     "shapes-demo": dict(model="shapes-demo", from_scratch=True, dataset="shapes", lora=False, train_all=True,
-                        shapes_tasks={"refer": 6, "multi": 2, "caption": 1, "box": 2}, shapes_max_expressions=3,
-                        steps=4000, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
-                        warmup_steps=100, clip_grad=1.0, ce_weight=0.1, save_every=250, log_every=10,
-                        out="runs/shapes-demo"),
+                        shapes_tasks={"refer": 6, "objects": 3, "multi": 1, "box": 1}, shapes_max_expressions=3,
+                        steps=4500, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
+                        warmup_steps=100, clip_grad=1.0, ce_weight=0.01, attribute_weight=1.0, save_every=250,
+                        log_every=10, num_workers=0, out="runs/shapes-demo"),
 }
 
 
@@ -189,13 +195,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
     model, (n_train, n_total) = build_for_training(cfg)
+    config, tokenizer = model.config, model.tokenizer
+    if cfg.attribute_weight < 0:
+        raise InputError(f"--attribute-weight {cfg.attribute_weight}: expected 0 or more")
+    if cfg.attribute_weight:
+        from .probes import ProbedModel
+
+        model = ProbedModel(model, cfg.attribute_weight)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
-    collator = Collator(model.config, model.tokenizer)
+    collator = Collator(config, tokenizer)
     source = build_source(cfg.dataset, cfg.sample_rates, cfg.shapes_seed, cfg.data_root, cfg.refer_datasets,
                           image_dir=cfg.image_dir, shapes_tasks=cfg.shapes_tasks, image_size=cfg.shapes_image_size,
                           max_expressions=cfg.shapes_max_expressions)
@@ -243,8 +256,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     log_sums["grad_norm"] = log_sums.get("grad_norm", 0.0) + float(grad_norm) * cfg.grad_accum
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss"):
-            log_sums[k] = log_sums.get(k, 0.0) + float(losses[k].detach())
+        for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "attr_loss"):
+            if k in losses:
+                log_sums[k] = log_sums.get(k, 0.0) + float(losses[k].detach())
         n_logged += 1
         samples_since += cfg.batch_size * accelerator.num_processes
         micro += 1
@@ -289,9 +303,12 @@ def _export(accelerator, model, cfg: TrainConfig, dest: Path) -> None:
         state = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             final, _ = build_for_training(cfg)
+            if cfg.attribute_weight:  # drop the training-only probes
+                state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
             final.load_state_dict(state)
     else:
         final = accelerator.unwrap_model(model)
+        final = getattr(final, "model", final) if cfg.attribute_weight else final
     if accelerator.is_main_process:
         merge_lora(final)
         save_pretrained(final.eval(), dest)

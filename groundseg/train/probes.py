@@ -1,0 +1,87 @@
+"""Auxiliary attribute probes: a training-only loss that teaches a from-scratch model what the shapes world's
+words mean, densely.
+
+A model trained from random weights learns *where objects are* within a few hundred steps, but which object a
+phrase names only slowly: the mask losses say "not this one" per query, never "this pixel is a circle". Two
+linear probes give that signal directly (LISA needs none of this: its SAM and LLM come pretrained):
+
+* on SAM's image embedding, a 1x1 convolution predicts each pixel's colour, shape and size class (background
+  included) on SAM's low-resolution mask grid;
+* on each projected ``[SEG]`` prompt, a linear layer predicts the colour, shape and size of the object its mask
+  covers, so the LLM state before ``[SEG]`` must carry the whole name, not just its last word.
+
+Cross-entropy on each of the six heads, summed and weighted by ``--attribute-weight``. The probes are not part
+of the model: the export drops them, and a model trained with them loads and runs like any other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..grounding.tokens import IGNORE_INDEX
+
+
+class AttributeProbes(nn.Module):
+    """Linear colour/shape/size classifiers on SAM image embeddings and on projected ``[SEG]`` prompts."""
+
+    def __init__(self, embed_dim: int, prompt_dim: int, classes: tuple[int, ...]):
+        super().__init__()
+        self.classes = tuple(classes)
+        self.image = nn.Conv2d(embed_dim, sum(self.classes), 1)
+        self.prompt = nn.Linear(prompt_dim, sum(self.classes))
+
+    def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N, sum(classes), ...) logits, (N, len(classes), ...) labels -> summed CE over the heads."""
+        total = logits.new_zeros(())
+        for k, part in enumerate(logits.split(self.classes, dim=1)):
+            lab = labels[:, k]
+            if (lab != IGNORE_INDEX).any():
+                total = total + F.cross_entropy(part.float(), lab, ignore_index=IGNORE_INDEX)
+        return total
+
+    def losses(self, sam_embeddings: torch.Tensor, seg_prompts: torch.Tensor, attribute_maps: torch.Tensor,
+               mask_attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image probe CE, prompt probe CE). ``attribute_maps`` (B, 3, g, g) on SAM's low-res grid."""
+        g = attribute_maps.shape[-1]
+        logits = F.interpolate(self.image(sam_embeddings.to(self.image.weight.dtype)), size=(g, g),
+                               mode="bilinear", align_corners=False)
+        image = self._ce(logits, attribute_maps.to(logits.device))
+        prompt = logits.new_zeros(())
+        if len(seg_prompts) and len(seg_prompts) == len(mask_attributes):
+            prompt = self._ce(self.prompt(seg_prompts.to(self.prompt.weight.dtype)), mask_attributes.to(logits.device))
+        return image, prompt
+
+
+class ProbedModel(nn.Module):
+    """A LISA-family model plus :class:`AttributeProbes`; ``forward`` adds ``attr_loss`` (weighted) to the loss
+    when the batch carries attribute labels. ``.model`` is what gets exported."""
+
+    def __init__(self, model: nn.Module, weight: float):
+        super().__init__()
+        from ..datasets.shapes import COLORS, SHAPES, SIZES
+
+        self.model = model
+        self.weight = float(weight)
+        dim = model.config.sam.prompt_embed_dim
+        self.probes = AttributeProbes(dim, model.config.out_dim, (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1))
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        out = self.model(batch)
+        if batch.attribute_maps is None:
+            out["attr_loss"] = out["loss"].new_zeros(())
+            return out
+        image, prompt = self.probes.losses(out["sam_embeddings"], out["seg_prompts"], batch.attribute_maps,
+                                           batch.mask_attributes)
+        out["attr_loss"] = self.weight * (image + prompt)
+        out["loss"] = out["loss"] + out["attr_loss"]
+        return out
