@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--answer", default=None, metavar="TEXT",
+                   help="fix the answer instead of generating it (LISA's teacher-forced evaluation path); '{}' "
+                        "stands for the prompt, e.g. 'Sure, {} [SEG].'")
     s.add_argument("--batch-size", type=int, default=4, help="images per batch (default: %(default)s)")
     s.add_argument("--vision-tower", default=None, help="CLIP folder or hub id for official LISA checkpoints")
 
@@ -53,18 +56,30 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(t)
 
     e = sub.add_parser("eval", help="evaluate a model on a benchmark and print the field's metrics")
-    e.add_argument("task", choices=["refer", "boxes"],
-                   help="refer: referring segmentation (cIoU, gIoU, Prec@X); boxes: box grounding (Acc@0.5)")
-    e.add_argument("--data-root", required=True, help="folder holding the REFER dataset folders and images/")
-    e.add_argument("--dataset", default=None, help="refcoco, refcoco+, refcocog, shapes, ...")
+    e.add_argument("task", choices=["refer", "reasonseg", "rec", "boxes"],
+                   help="refer: referring segmentation (cIoU, gIoU, Prec@X); reasonseg: ReasonSeg (the same "
+                        "metrics); rec (alias boxes): box grounding (Acc@0.5)")
+    e.add_argument("--data-root", required=True,
+                   help="refer/rec: folder holding the REFER dataset folders and images/; reasonseg: folder "
+                        "holding ReasonSeg/<split>/ (or reason_seg/ReasonSeg/<split>/, or <split>/)")
+    e.add_argument("--dataset", default=None, help="refcoco, refcoco+, refcocog, refclef, shapes or any REFER-format "
+                                                   "folder under --data-root")
     e.add_argument("--split-by", default=None, help="unc, umd, google (default: the only refs file present)")
-    e.add_argument("--split", default="val")
+    e.add_argument("--split", default="val", help="val, testA, testB, test, ... (default: %(default)s)")
     e.add_argument("--image-dir", default=None, help="image folder (default: DATA_ROOT/images)")
-    e.add_argument("--model", "-m", default=None, help="preset or checkpoint folder (default: %(default)s)")
-    e.add_argument("--mode", choices=["teacher", "chat"], default="teacher",
-                   help="teacher: LISA's fixed '[SEG].' answer; chat: the model generates (refer only)")
+    e.add_argument("--model", "-m", default=None, help="preset or checkpoint folder (default: the shipped default "
+                                                       "model)")
+    e.add_argument("--protocol", choices=["teacher-forced", "generate"], default=None,
+                   help="teacher-forced (default): LISA's fixed '[SEG].' answer; generate: the model answers")
+    e.add_argument("--mode", choices=["teacher", "chat"], default=None,
+                   help="older spelling of --protocol: teacher = teacher-forced, chat = generate")
+    e.add_argument("--batch-size", type=int, default=16, help="expressions per forward (default: %(default)s)")
     e.add_argument("--limit", type=int, default=None, help="first N images only")
-    e.add_argument("--out", default=None, help="write the report (metrics + per-expression records) as JSON")
+    e.add_argument("--out", default=None, metavar="DIR",
+                   help="write DIR/predictions.jsonl (as it goes), DIR/report.json and DIR/iou_hist.png")
+    e.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    e.add_argument("--predictions", default=None, metavar="FILE",
+                   help="score this file (JSONL or JSON list of {sent_id, segmentation: RLE}) without a model")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
 
@@ -130,6 +145,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InputError("--prompt is empty: expected a sentence describing what to segment")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise InputError("--max-new-tokens and --batch-size must be at least 1")
+    if args.answer is not None and "[SEG]" not in args.answer and "<box>" not in args.answer:
+        raise InputError(f"--answer {args.answer!r}: expected a [SEG] (or a <box>) in the fixed answer, "
+                         "e.g. 'Sure, {} [SEG].'")
     for path in args.images:
         check_image(path)
     stems = [Path(p).stem for p in args.images]
@@ -156,7 +174,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for start in range(0, len(args.images), args.batch_size):
         batch = args.images[start:start + args.batch_size]
         results = model.segment(batch, args.prompt, max_new_tokens=args.max_new_tokens,
-                                **({"boxes": boxes} if boxes else {}))
+                                **({"boxes": boxes} if boxes else {}), **({"answer": args.answer}
+                                                                            if args.answer is not None else {}))
         for path, res in zip(batch, results):
             write_result(out, Path(path), res)
             note = "" if len(res) else "  (no [SEG] in the answer: no mask)"
@@ -202,27 +221,90 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .eval.metrics import format_table
-    from .eval.refer import evaluate_boxes, evaluate_refer
-    from .hub import load_model
-    from .io import save_json
+    from .eval.runner import protocol_name
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit {args.limit}: expected at least 1")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: expected at least 1")
+    if args.resume and not args.out:
+        raise InputError("--resume needs --out, the folder of the run to continue")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"--out {args.out}: exists and is not a folder")
+    if args.out and Path(args.out).suffix == ".json" and not Path(args.out).is_dir():
+        raise InputError(f"--out {args.out}: expected a folder (it gets predictions.jsonl, report.json and "
+                         "iou_hist.png)")
+    protocol = protocol_name(args.protocol, args.mode)
+    task = "rec" if args.task == "boxes" else args.task
+    if task == "rec" and (args.protocol or args.mode):
+        raise InputError("--protocol/--mode: box grounding always generates")
     if not Path(args.data_root).is_dir():  # before loading a model, which can take minutes
         raise InputError(f"--data-root {args.data_root}: folder not found")
-    device = _device(args.device)
-    model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-    common = dict(data_root=args.data_root, dataset=args.dataset, split_by=args.split_by, split=args.split,
-                  image_dir=args.image_dir, limit=args.limit, progress=sys.stderr.isatty())
-    if args.task == "refer":
-        report = evaluate_refer(model, mode=args.mode, **common)
-        print(format_table(report.metrics))
+    if args.predictions:
+        if args.model or args.resume or args.protocol or args.mode:
+            raise InputError("--predictions scores a file without a model: drop --model, --protocol and --resume")
+        if task == "rec":
+            raise InputError("--predictions: only segmentation (refer, reasonseg) predictions can be scored")
+        report = _score_predictions(task, args)
     else:
-        report = evaluate_boxes(model, **common)
+        from .hub import default_model, load_model
+
+        device = _launched_device() or _device(args.device)
+        model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+        common = dict(data_root=args.data_root, split=args.split, limit=args.limit, progress=sys.stderr.isatty(),
+                      batch_size=args.batch_size, out=args.out, resume=args.resume,
+                      model_name=args.model or default_model())
+        if task == "refer":
+            from .eval.refer import evaluate_refer
+
+            report = evaluate_refer(model, dataset=args.dataset, split_by=args.split_by, image_dir=args.image_dir,
+                                    protocol=protocol, **common)
+        elif task == "reasonseg":
+            from .eval.reasonseg import evaluate_reasonseg
+
+            report = evaluate_reasonseg(model, protocol=protocol, **common)
+        else:
+            from .eval.refer import evaluate_boxes
+
+            report = evaluate_boxes(model, dataset=args.dataset, split_by=args.split_by, image_dir=args.image_dir,
+                                    **common)
+    from .eval.report import dist_info
+
+    if dist_info()[0] != 0:
+        return 0
+    if task == "rec":
         print(format_table(report.metrics, columns=("Acc@0.5", "mIoU", "n")))
+    else:
+        print(format_table(report.metrics))
+        if report.report.get("missing"):
+            print(f"{report.report['missing']} of {report.report['num_expressions']} sentences had no prediction "
+                  "(scored as empty masks)")
     if args.out:
-        save_json(args.out, report.to_dict())
+        print(f"wrote {Path(args.out) / 'report.json'}")
     return 0
+
+
+def _launched_device():
+    """Under ``accelerate launch`` with several processes: set up the process group and return this process's
+    device (each evaluates a share of the images, see groundseg/eval/runner.py); else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def _score_predictions(task: str, args: argparse.Namespace):
+    if task == "refer":
+        from .eval.refer import score_refer_predictions
+
+        return score_refer_predictions(args.predictions, args.data_root, args.dataset, args.split_by, args.split,
+                                       limit=args.limit, out=args.out)
+    from .eval.reasonseg import score_reasonseg_predictions
+
+    return score_reasonseg_predictions(args.predictions, args.data_root, args.split, limit=args.limit, out=args.out)
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -84,6 +84,8 @@ def test_bad_inputs_exit_2_without_output(media, tmp_path, capsys):
     assert_rejected(["segment", str(tmp_path / "missing.jpg"), "-p", "x"], capsys, "image not found", out)
     assert_rejected(["segment", str(tmp_path / "notes.txt"), "-p", "x"], capsys, "not a readable image", out)
     assert_rejected(["segment", dog, "-p", " "], capsys, "--prompt is empty", out)
+    assert_rejected(["segment", dog, "-p", "x", "--answer", "Sure."], capsys,
+                    "--answer 'Sure.': expected a [SEG] (or a <box>) in the fixed answer", out)
     assert_rejected(["segment", dog, "-p", "x", "--model", "lisa-999b"], capsys, "unknown model 'lisa-999b'", out)
     assert_rejected(["segment", dog, "-p", "x", "--model", str(tmp_path / "empty")], capsys, "not a checkpoint folder", out)
     assert_rejected(["segment", dog, "-p", "x", "--model", str(tmp_path / "weird")], capsys, "neither a groundseg config", out)
@@ -127,3 +129,13 @@ def test_console_script_runs(tmp_path, media):
     r = subprocess.run([sys.executable, "-m", "groundseg", "segment", "nope.jpg", "-p", "x"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "groundseg: error: image not found: nope.jpg"
+
+
+def test_fixed_answer_is_teacher_forced(monkeypatch, media, tmp_path, capsys):
+    # --answer: no generation; the answer is the template with the prompt in it, one mask per [SEG]
+    use_tiny(monkeypatch)
+    assert main(["segment", str(media / "dog.jpg"), "-p", "the dog", "--answer", "Sure, {} [SEG] and [SEG].",
+                 "-o", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith(": Sure, the dog [SEG] and [SEG].")
+    data = json.loads((tmp_path / "dog.json").read_text())
+    assert data["text"] == "Sure, the dog [SEG] and [SEG]." and len(data["masks"]) == 2

@@ -166,17 +166,21 @@ def test_box_runner_with_an_oracle_and_a_mute_model(shapes_dir):
 def test_eval_command_writes_a_report(shapes_dir, tmp_path, capsys):
     from groundseg.cli import main
 
-    out = tmp_path / "report.json"
+    out = tmp_path / "run"
     assert main(["eval", "refer", "--data-root", str(shapes_dir), "--dataset", "shapes", "--split", "test",
                  "--model", "lisa-tiny", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["group", "cIoU", "gIoU", "Prec@0.5", "n"]
-    report = json.loads(out.read_text())
-    assert report["split"] == "test" and report["metrics"]["all"]["n"] == len(report["records"]) > 0
+    report = json.loads((out / "report.json").read_text())
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert report["split"] == "test" and report["num_expressions"] == len(lines) > 0
     assert main(["eval", "refer", "--data-root", str(tmp_path / "nowhere"), "--dataset", "shapes"]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["eval", "refer", "--data-root", str(shapes_dir), "--dataset", "shapes", "--split", "nosuch"]) == 2
     assert "no sentences in split 'nosuch'" in capsys.readouterr().err
+    assert main(["eval", "refer", "--data-root", str(shapes_dir), "--dataset", "shapes",
+                 "--out", str(tmp_path / "report.json")]) == 2
+    assert "--out " + str(tmp_path / "report.json") + ": expected a folder" in capsys.readouterr().err
 
 
 def test_data_command(tmp_path, capsys):

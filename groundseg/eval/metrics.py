@@ -3,14 +3,21 @@
 * cIoU (cumulative IoU): sum of intersections over sum of unions across every expression of a split.
 * gIoU: the mean of per-expression IoUs, where an expression with an empty ground truth and an empty prediction
   scores 1 (LISA's ``iou[union == 0] += 1``; per expression, not per image).
-* Prec@X: the fraction of expressions with IoU > X (X in 0.5 ... 0.9).
+* Prec@X: the fraction of expressions with IoU >= X (X in 0.5 ... 0.9), as LAVT's ``test.py`` counts it (LISA
+  reports no Prec@X).
 * box Acc@0.5: the fraction of predicted boxes with IoU >= 0.5 against the ground-truth box.
 
 Pixels marked ``ignore`` (ReasonSeg's 255) count in neither intersection nor union.
+
+These equal LISA's ``intersectionAndUnionGPU`` (foreground class, ``ignore_index=255``) up to its ``1e-5``/``1e-10``
+guards against division by zero (``tests/test_eval_metrics.py`` checks against an independent re-implementation).
+Sums are exact (integer pixel counts, :func:`math.fsum` for IoUs), so a report does not depend on the order in which
+expressions were added: a resumed or multi-process evaluation gives the same numbers as one uninterrupted run.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,7 +58,10 @@ class IoUMeter:
     def add(self, pred: np.ndarray, gt: np.ndarray, group: str | None = None,
             ignore: np.ndarray | None = None) -> float:
         """Add one expression; returns its IoU (1.0 when both masks are empty)."""
-        i, u = mask_iou_terms(pred, gt, ignore)
+        return self.add_terms(*mask_iou_terms(pred, gt, ignore), group=group)
+
+    def add_terms(self, i: int, u: int, group: str | None = None) -> float:
+        """Add one expression from its (intersection, union) pixel counts; returns its IoU."""
         iou = i / u if u > 0 else 1.0
         for g in ("all",) + ((group,) if group else ()):
             self.inter[g] = self.inter.get(g, 0) + i
@@ -60,6 +70,7 @@ class IoUMeter:
         return iou
 
     def merge(self, other: "IoUMeter") -> None:
+        """Add every expression of ``other`` (e.g. another process's shard)."""
         for g in other.ious:
             self.inter[g] = self.inter.get(g, 0) + other.inter[g]
             self.union[g] = self.union.get(g, 0) + other.union[g]
@@ -69,11 +80,12 @@ class IoUMeter:
         """{group: {"cIoU", "gIoU", "Prec@0.5", ..., "n"}}, "all" first."""
         out = {}
         for g in ["all"] + sorted(k for k in self.ious if k != "all"):
-            ious = np.asarray(self.ious.get(g, []), dtype=np.float64)
+            ious = self.ious.get(g, [])
+            n = len(ious)
             row = {"cIoU": self.inter.get(g, 0) / self.union[g] if self.union.get(g) else float("nan"),
-                   "gIoU": float(ious.mean()) if len(ious) else float("nan")}
+                   "gIoU": math.fsum(ious) / n if n else float("nan")}
             for t in PREC_THRESHOLDS:
-                row[f"Prec@{t}"] = float((ious > t).mean()) if len(ious) else float("nan")
+                row[f"Prec@{t}"] = sum(v >= t for v in ious) / n if n else float("nan")
             row["n"] = int(len(ious))
             out[g] = row
         return out

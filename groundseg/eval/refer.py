@@ -1,42 +1,54 @@
-"""Referring segmentation and box grounding on REFER-format datasets (RefCOCO/+/g, the shapes world).
+"""Referring segmentation and box grounding on REFER-format datasets (RefCOCO/+/g, RefCLEF, the shapes world).
 
-Segmentation, ``mode="teacher"`` (LISA's evaluation): every single-target sentence of an image goes through one
-teacher-forced forward with the answer fixed to ``"[SEG]."``; the image is encoded once. ``mode="chat"``: each
-sentence is asked as a question and the model generates; the prediction is the union of its masks (an answer
-without ``[SEG]`` predicts nothing). Multi-target refs (``ann_id`` a list, gRefCOCO style) are always asked in chat
-mode, since their answer carries one ``[SEG]`` per object; the prediction is again the union.
+Segmentation (:func:`evaluate_refer`) runs the loop of :mod:`groundseg.eval.runner` over every sentence of a split,
+grouped by image: ``protocol="teacher-forced"`` is LISA's evaluation (the answer fixed to ``"[SEG]."``, the question
+``"What is {sentence} in this image? Please output segmentation mask."`` with REFER's normalised ``sent``);
+``"generate"`` lets the model answer. Multi-target refs (``ann_id`` a list, gRefCOCO style) are always generated and
+scored on the union of the predicted masks. With ``out`` the run writes ``predictions.jsonl``, ``report.json`` and
+``iou_hist.png`` (:mod:`groundseg.eval.report`) and can be resumed. :func:`score_refer_predictions` scores a
+predictions file without a model.
 
-Boxes: the question ``"Where is {sentence}? Answer with a box."`` is generated and the first ``<box>`` of the
-answer is compared with the ground-truth box of the referred object (Acc@0.5).
+Boxes (:func:`evaluate_boxes`, ``groundseg eval rec``): the question ``"Where is {sentence}? Answer with a box."`` is
+generated and the first ``<box>`` of the answer is compared with the ground-truth box of the referred object
+(Acc@0.5).
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..io import InputError, load_image, mask_to_bbox
-from .metrics import IoUMeter, box_iou
+from ..io import InputError, load_image, mask_to_bbox, save_json
+from .metrics import box_iou
+from .report import (build_report, dist_info, save_iou_histogram, split_count_warning, start_run,
+                     write_outputs)
+from .runner import MULTI_QUESTION, Clock, Expression, check_unique, protocol_name, run_masks, score_predictions
 
 SEG_QUESTION = "What is {} in this image? Please output segmentation mask."
-MULTI_QUESTION = "Segment {}."
 BOX_QUESTION = "Where is {}? Answer with a box."
+
+__all__ = ["SEG_QUESTION", "MULTI_QUESTION", "BOX_QUESTION", "ReferReport", "evaluate_refer",
+           "score_refer_predictions", "evaluate_boxes"]
 
 
 @dataclass
 class ReferReport:
-    """What an evaluation measured: ``metrics`` per group ("all" and each expression kind), and one record per
-    expression (image, sentence, kind, IoU)."""
+    """What an evaluation measured: ``metrics`` per group ("all" and each expression kind), one record per
+    expression (image, sentence, kind, IoU), and ``report``, the content of ``report.json``."""
 
     dataset: str
     split: str
     mode: str
     metrics: dict[str, dict[str, float]]
     records: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "split": self.split, "mode": self.mode, "metrics": self.metrics,
@@ -44,8 +56,8 @@ class ReferReport:
 
 
 def _load_split(data_root: str, dataset: str | None, split_by: str | None, split: str, image_dir: str | None,
-                limit: int | None, single_only: bool):
-    """(refer, image folder, {image_id: [ReferSample]} of the first ``limit`` images) for one split."""
+                limit: int | None, single_only: bool, need_images: bool = True):
+    """(refer, image folder, {image_id: [ReferSample]} of the first ``limit`` images, sentences in the split)."""
     from ..datasets.refer import load_refer
 
     refer = load_refer(data_root, dataset, split_by)
@@ -53,88 +65,228 @@ def _load_split(data_root: str, dataset: str | None, split_by: str | None, split
     if not samples:
         what = "single-target sentences" if single_only else "sentences"
         raise InputError(f"{refer.source}: no {what} in split {split!r} (splits: {', '.join(refer.splits)})")
-    images = Path(image_dir) if image_dir else Path(data_root) / "images"
-    if not images.is_dir():
+    images = Path(image_dir) if image_dir else _default_images(Path(data_root), samples[0].file_name)
+    if need_images and not images.is_dir():
         raise InputError(f"image folder not found: {images} (pass --image-dir)")
     by_image: dict[int, list] = {}
     for s in samples:
         by_image.setdefault(s.image_id, []).append(s)
     keep = list(by_image)[:limit] if limit else list(by_image)
-    return refer, images, {i: by_image[i] for i in keep}
+    return refer, images, {i: by_image[i] for i in keep}, samples
+
+
+def _default_images(data_root: Path, file_name: str) -> Path:
+    """``DATA_ROOT/images``, or REFER's own layout below it (``images/mscoco/images/train2014`` for RefCOCO/+/g,
+    ``images/saiapr_tc-12`` for RefCLEF) where that is where the split's first image is."""
+    base = data_root / "images"
+    for folder in (base, base / "mscoco" / "images" / "train2014", base / "saiapr_tc-12"):
+        if (folder / file_name).is_file():
+            return folder
+    return base
+
+
+def _expressions(by_image: dict, images: Path) -> list[list[Expression]]:
+    """One :class:`Expression` per sentence, grouped by image; the text is LISA's ``sent.strip().lower()``."""
+    return [[Expression(sent_id=s.sent_id, image_id=s.image_id, ref_id=s.ref_id, text=s.sentence.strip().lower(),
+                        kind=s.kind, question=SEG_QUESTION, image=images / s.file_name, multi=len(s.ann_ids) != 1)
+             for s in group] for group in by_image.values()]
+
+
+def _ground_truth(refer):
+    @lru_cache(maxsize=256)
+    def ref_mask(ref_id: int) -> np.ndarray:
+        return refer.mask(refer.refs_by_id[ref_id])
+
+    return lambda e: (ref_mask(e.ref_id), None)
+
+
+def _split_by(refer, split_by: str | None) -> str | None:
+    """``split_by`` as given, else read from the refs file found (``refs(unc).p`` -> ``"unc"``)."""
+    return split_by or Path(refer.source).name.partition("(")[2].partition(")")[0] or None
+
+
+def _warnings(dataset: str | None, split_by: str | None, refer, split: str, count: int, limit: int | None
+              ) -> list[str]:
+    if limit:
+        return []
+    warning = split_count_warning(dataset, split_by, split, count)
+    if warning is None:
+        return []
+    if dist_info()[0] == 0:
+        print(f"groundseg: warning: {warning}", file=sys.stderr)
+    return [warning]
 
 
 @torch.no_grad()
 def evaluate_refer(model, data_root: str, dataset: str | None = None, split_by: str | None = None,
-                   split: str = "val", image_dir: str | None = None, mode: str = "teacher",
-                   chunk: int = 16, limit: int | None = None, progress: bool = True) -> ReferReport:
-    """cIoU / gIoU / Prec@X of ``split``, overall and per expression kind (``limit`` = first N images)."""
-    from tqdm import tqdm
+                   split: str = "val", image_dir: str | None = None, mode: str | None = None,
+                   chunk: int = 16, limit: int | None = None, progress: bool = True, *,
+                   protocol: str | None = None, batch_size: int | None = None, out: str | None = None,
+                   resume: bool = False, model_name: str | None = None) -> ReferReport:
+    """cIoU / gIoU / Prec@X of every sentence of ``split``, overall and per expression kind.
 
-    if mode not in ("teacher", "chat"):
-        raise InputError(f"mode {mode!r}: expected 'teacher' or 'chat'")
-    refer, images, by_image = _load_split(data_root, dataset, split_by, split, image_dir, limit, single_only=False)
-    meter, records = IoUMeter(), []
-    for group in tqdm(by_image.values(), desc=f"eval {dataset or Path(data_root).name} {split}",
-                      disable=not progress):
-        rgb = load_image(images / group[0].file_name)
-        gts = {s.ref_id: refer.mask(refer.refs_by_id[s.ref_id]) for s in group}
-        single = [s for s in group if len(s.ann_ids) == 1 or mode == "chat"]
-        multi = [s for s in group if len(s.ann_ids) != 1 and mode == "teacher"]
-        preds: list[np.ndarray] = []
-        if mode == "teacher":
-            for i in range(0, len(single), chunk):
-                part = single[i:i + chunk]
-                logits = model.segment_teacher_forced(rgb, [s.sentence for s in part], question=SEG_QUESTION)
-                preds += list((logits > 0).numpy())
-        else:
-            preds += _chat_masks(model, rgb, [(MULTI_QUESTION if len(s.ann_ids) > 1 else SEG_QUESTION)
-                                              .format(s.sentence) for s in single], chunk)
-        preds += _chat_masks(model, rgb, [MULTI_QUESTION.format(s.sentence) for s in multi], chunk)
-        for s, pred in zip(single + multi, preds):
-            iou = meter.add(pred, gts[s.ref_id], s.kind)
-            records.append({"image_id": s.image_id, "ref_id": s.ref_id, "sentence": s.sentence, "kind": s.kind,
-                            "iou": iou})
-    return ReferReport(dataset or Path(data_root).name, split, mode, meter.summary(), records)
+    Args:
+        protocol: ``"teacher-forced"`` (default, LISA's) or ``"generate"``; ``mode`` ``"teacher"``/``"chat"`` is
+            the older spelling of the same choice.
+        batch_size: expressions per forward (``chunk`` is the older name); 16 by default.
+        limit: the first N images only (no split-size warning then).
+        out: a folder for ``predictions.jsonl``, ``report.json`` and ``iou_hist.png``.
+        resume: continue the run in ``out``: sentences already in its ``predictions.jsonl`` are scored from there
+            and not predicted again; the final report equals an uninterrupted run's (but for ``seconds``).
+        model_name: what ``report.json`` calls the model.
+    """
+    clock = Clock()
+    protocol = protocol_name(protocol, mode)
+    batch_size = batch_size or chunk
+    if batch_size < 1:
+        raise InputError(f"batch size {batch_size}: expected at least 1")
+    if resume and not out:
+        raise InputError("--resume needs --out, the folder of the run to continue")
+    name = dataset or Path(data_root).name
+    refer, images, by_image, samples = _load_split(data_root, dataset, split_by, split, image_dir, limit,
+                                                   single_only=False)
+    groups = _expressions(by_image, images)
+    split_by = _split_by(refer, split_by)
+    warnings = _warnings(name, split_by, refer, split, len(samples), limit)
+    log = None
+    if out:
+        check_unique(groups, refer.source)
+        run = {"task": "refer", "dataset": name, "split_by": split_by, "split": split, "protocol": protocol,
+               "model": model_name, "limit": limit}
+        out, log = start_run(out, run, resume)
+    try:
+        meter, records = run_masks(model, groups, _ground_truth(refer), protocol, batch_size, log, progress,
+                                   desc=f"eval {name} {split}")
+    finally:
+        if log is not None:
+            log.close()
+    report = build_report(meter, dataset=name, split_by=split_by, split=split, model=model_name, protocol=protocol,
+                          num_images=len(groups), seconds=clock(), warnings=warnings)
+    if out:
+        report["resumed_expressions"] = len(log.done)
+        if dist_info()[0] == 0:
+            write_outputs(out, report, meter.ious.get("all", []))
+    return ReferReport(name, split, protocol, meter.summary(), records, report)
 
 
-def _chat_masks(model, rgb: np.ndarray, questions: list[str], chunk: int) -> list[np.ndarray]:
-    out = []
-    for i in range(0, len(questions), chunk):
-        for res in model.segment(rgb, questions[i:i + chunk], max_new_tokens=96):
-            seg = res.masks[[k for k, src in enumerate(res.sources) if src == "seg"]] if len(res.masks) else res.masks
-            out.append(seg.any(0) if len(seg) else np.zeros(rgb.shape[:2], bool))
-    return out
+def score_refer_predictions(predictions: str, data_root: str, dataset: str | None = None,
+                            split_by: str | None = None, split: str = "val", limit: int | None = None,
+                            out: str | None = None) -> ReferReport:
+    """Score a predictions file (JSONL, or a JSON list, of ``{"sent_id", "segmentation": RLE}``) on ``split``
+    without a model. Sentences without a prediction count as empty masks; ``report["missing"]`` says how many.
+    An unknown sent_id, a malformed RLE or a mask of the wrong size is an :class:`InputError` naming the line."""
+    clock = Clock()
+    name = dataset or Path(data_root).name
+    refer, images, by_image, samples = _load_split(data_root, dataset, split_by, split, None, limit,
+                                                   single_only=False, need_images=False)
+    groups = _expressions(by_image, images)
+    check_unique(groups, refer.source)
+    split_by = _split_by(refer, split_by)
+    warnings = _warnings(name, split_by, refer, split, len(samples), limit)
+    meter, records, missing = score_predictions(predictions, groups, _ground_truth(refer),
+                                                frozenset(s.sent_id for s in samples), f"{name} {split}")
+    report = build_report(meter, dataset=name, split_by=split_by, split=split, model=None,
+                          protocol="predictions", num_images=len(groups), seconds=clock(), warnings=warnings,
+                          predictions=str(predictions), missing=missing)
+    if out:
+        outdir = Path(out)
+        if outdir.exists() and not outdir.is_dir():
+            raise InputError(f"--out {outdir}: exists and is not a folder")
+        outdir.mkdir(parents=True, exist_ok=True)
+        write_outputs(outdir, report, meter.ious.get("all", []))
+    return ReferReport(name, split, "predictions", meter.summary(), records, report)
 
 
 @torch.no_grad()
 def evaluate_boxes(model, data_root: str, dataset: str | None = None, split_by: str | None = None,
                    split: str = "val", image_dir: str | None = None, chunk: int = 16, limit: int | None = None,
-                   progress: bool = True) -> ReferReport:
-    """Box grounding Acc@0.5 (and mean IoU) of single-target sentences of ``split``, overall and per kind."""
+                   progress: bool = True, *, batch_size: int | None = None, out: str | None = None,
+                   resume: bool = False, model_name: str | None = None) -> ReferReport:
+    """Box grounding (REC) Acc@0.5 and mean IoU of the single-target sentences of ``split``, overall and per kind.
+
+    With ``out``, ``predictions.jsonl`` gets ``sent_id``, ``ref_id``, ``image_id``, ``box`` (xyxy pixels, null
+    when the answer holds none) and ``iou`` per sentence, and ``report.json`` the metrics (``accuracy@0.5``,
+    ``mIoU``, counts, ``by_kind``); ``resume`` continues such a run.
+    """
     from tqdm import tqdm
 
     from ..grounding.tokens import parse_boxes
 
-    refer, images, by_image = _load_split(data_root, dataset, split_by, split, image_dir, limit, single_only=True)
+    clock = Clock()
+    batch_size = batch_size or chunk
+    if batch_size < 1:
+        raise InputError(f"batch size {batch_size}: expected at least 1")
+    if resume and not out:
+        raise InputError("--resume needs --out, the folder of the run to continue")
+    if dist_info()[1] > 1:
+        raise InputError("box grounding runs in one process; launch it without accelerate")
+    name = dataset or Path(data_root).name
+    refer, images, by_image, samples = _load_split(data_root, dataset, split_by, split, image_dir, limit,
+                                                   single_only=True)
+    split_by = _split_by(refer, split_by)
+    log = None
+    if out:
+        check_unique(_expressions(by_image, images), refer.source)
+        run = {"task": "rec", "dataset": name, "split_by": split_by, "split": split, "protocol": "generate",
+               "model": model_name, "limit": limit}
+        out, log = start_run(out, run, resume)
+    done = log.done if log is not None else {}
     hits: dict[str, list[float]] = {}
     records = []
-    for group in tqdm(by_image.values(), desc="eval boxes", disable=not progress):
-        rgb = load_image(images / group[0].file_name)
-        h, w = rgb.shape[:2]
-        for i in range(0, len(group), chunk):
-            part = group[i:i + chunk]
-            results = model.segment(rgb, [BOX_QUESTION.format(s.sentence) for s in part], max_new_tokens=48)
-            for s, res in zip(part, results):
-                gt = _xyxy(refer.ann_mask(s.ann_ids[0]))
-                boxes = parse_boxes(res.text, (h, w))
-                iou = box_iou(boxes[0].box, gt) if boxes else 0.0
-                for g in ("all",) + ((s.kind,) if s.kind else ()):
-                    hits.setdefault(g, []).append(iou)
-                records.append({"image_id": s.image_id, "sentence": s.sentence, "kind": s.kind, "answer": res.text,
-                                "iou": iou})
-    metrics = {g: {"Acc@0.5": float(np.mean(np.asarray(v) >= 0.5)), "mIoU": float(np.mean(v)), "n": len(v)}
-               for g, v in sorted(hits.items(), key=lambda kv: (kv[0] != "all", kv[0]))}
-    return ReferReport(dataset or Path(data_root).name, split, "box", metrics, records)
+
+    def score(s, box) -> float:
+        iou = box_iou(box, _xyxy(refer.ann_mask(s.ann_ids[0]))) if box is not None else 0.0
+        for g in ("all",) + ((s.kind,) if s.kind else ()):
+            hits.setdefault(g, []).append(iou)
+        return iou
+
+    bar = tqdm(total=sum(len(g) for g in by_image.values()), unit="expr", desc=f"eval rec {name} {split}",
+               disable=not progress)
+    try:
+        for group in by_image.values():
+            for s in group:
+                if s.sent_id in done:
+                    box = done[s.sent_id].get("box")
+                    records.append({"image_id": s.image_id, "sentence": s.sentence, "kind": s.kind,
+                                    "answer": None, "iou": score(s, box)})
+                    bar.update(1)
+            todo = [s for s in group if s.sent_id not in done]
+            if not todo:
+                continue
+            rgb = load_image(images / todo[0].file_name)
+            h, w = rgb.shape[:2]
+            for i in range(0, len(todo), batch_size):
+                part = todo[i:i + batch_size]
+                results = model.segment(rgb, [BOX_QUESTION.format(s.sentence) for s in part], max_new_tokens=48)
+                for s, res in zip(part, results):
+                    boxes = parse_boxes(res.text, (h, w))
+                    box = [float(v) for v in boxes[0].box] if boxes else None
+                    iou = score(s, box)
+                    records.append({"image_id": s.image_id, "sentence": s.sentence, "kind": s.kind,
+                                    "answer": res.text, "iou": iou})
+                    if log is not None:
+                        log.write({"sent_id": s.sent_id, "ref_id": s.ref_id, "image_id": s.image_id, "box": box,
+                                   "iou": iou})
+                    bar.update(1)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    metrics = {g: {"Acc@0.5": sum(v >= 0.5 for v in vals) / len(vals), "mIoU": math.fsum(vals) / len(vals),
+                   "n": len(vals)}
+               for g, vals in sorted(hits.items(), key=lambda kv: (kv[0] != "all", kv[0]))}
+
+    def row(m: dict) -> dict:
+        return {"accuracy@0.5": m["Acc@0.5"], "mIoU": m["mIoU"], "num_expressions": m["n"]}
+
+    report = {**row(metrics["all"]), "dataset": name, "split_by": split_by, "split": split, "model": model_name,
+              "protocol": "generate", "num_images": len(by_image), "seconds": clock(),
+              "by_kind": {g: row(m) for g, m in metrics.items() if g != "all"}}
+    if out:
+        report["resumed_expressions"] = len(done)
+        save_json(out / "report.json", report)
+        save_iou_histogram(out / "iou_hist.png", hits["all"], title=f"{name} {split} boxes: {len(hits['all'])}")
+    return ReferReport(name, split, "box", metrics, records, report)
 
 
 def _xyxy(mask: np.ndarray) -> tuple[float, float, float, float]:

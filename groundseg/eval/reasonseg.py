@@ -1,0 +1,94 @@
+"""ReasonSeg evaluation (LISA's Table 1): gIoU / cIoU (and Prec@X) over the images of a split, one expression
+each, overall and for short (phrase) and long (sentence) queries (``by_kind``).
+
+As LISA's ``ValDataset``: only the first instruction of an image's ``text`` is asked; a short query becomes
+``"What is {text} in this image? Please output segmentation mask."``, a long one ``"{text} Please output
+segmentation mask."``; the answer is teacher-forced to ``"[SEG]."`` (``protocol="generate"``: the model answers).
+"ignore" pixels (255) count in neither intersection nor union. ``sent_id`` in ``predictions.jsonl`` is the image's
+index in the split sorted by file name, ``image_id`` its file stem.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..datasets.reasonseg import ReasonSegSample, load_reasonseg
+from ..io import InputError
+from .refer import ReferReport
+from .report import build_report, dist_info, start_run, write_outputs
+from .runner import Clock, Expression, protocol_name, run_masks, score_predictions
+
+__all__ = ["evaluate_reasonseg", "score_reasonseg_predictions"]
+
+
+def _split(data_root: str, split: str, limit: int | None):
+    samples = load_reasonseg(data_root, split)
+    kept = samples[:limit] if limit else samples
+    groups = [[Expression(sent_id=k, image_id=s.name, ref_id=None, text=s.texts[0], kind=s.kind,
+                          question=s.question, image=s.image)] for k, s in enumerate(kept)]
+    return samples, groups
+
+
+def _ground_truth(samples: list[ReasonSegSample]):
+    @lru_cache(maxsize=8)
+    def gt(k: int) -> tuple[np.ndarray, np.ndarray]:
+        m = samples[k].mask()
+        return m == 1, m == 255
+
+    return lambda e: gt(e.sent_id)
+
+
+@torch.no_grad()
+def evaluate_reasonseg(model, data_root: str, split: str = "val", protocol: str | None = None,
+                       batch_size: int = 16, limit: int | None = None, progress: bool = True,
+                       out: str | None = None, resume: bool = False, model_name: str | None = None) -> ReferReport:
+    """gIoU / cIoU / Prec@X of a ReasonSeg split (``limit`` = first N images); ``out`` and ``resume`` as in
+    :func:`groundseg.eval.refer.evaluate_refer`."""
+    clock = Clock()
+    protocol = protocol_name(protocol)
+    if batch_size < 1:
+        raise InputError(f"batch size {batch_size}: expected at least 1")
+    if resume and not out:
+        raise InputError("--resume needs --out, the folder of the run to continue")
+    samples, groups = _split(data_root, split, limit)
+    log = None
+    if out:
+        run = {"task": "reasonseg", "dataset": "ReasonSeg", "split": split, "protocol": protocol,
+               "model": model_name, "limit": limit}
+        out, log = start_run(out, run, resume)
+    try:
+        meter, records = run_masks(model, groups, _ground_truth(samples), protocol, batch_size, log, progress,
+                                   desc=f"eval ReasonSeg {split}")
+    finally:
+        if log is not None:
+            log.close()
+    report = build_report(meter, dataset="ReasonSeg", split=split, model=model_name, protocol=protocol,
+                          num_images=len(groups), seconds=clock())
+    if out:
+        report["resumed_expressions"] = len(log.done)
+        if dist_info()[0] == 0:
+            write_outputs(out, report, meter.ious.get("all", []))
+    return ReferReport("ReasonSeg", split, protocol, meter.summary(), records, report)
+
+
+def score_reasonseg_predictions(predictions: str, data_root: str, split: str = "val", limit: int | None = None,
+                                out: str | None = None) -> ReferReport:
+    """Score a predictions file on a ReasonSeg split without a model (see
+    :func:`groundseg.eval.runner.score_predictions`)."""
+    clock = Clock()
+    samples, groups = _split(data_root, split, limit)
+    meter, records, missing = score_predictions(predictions, groups, _ground_truth(samples),
+                                                frozenset(range(len(samples))), f"ReasonSeg {split}")
+    report = build_report(meter, dataset="ReasonSeg", split=split, model=None, protocol="predictions",
+                          num_images=len(groups), seconds=clock(), predictions=str(predictions), missing=missing)
+    if out:
+        outdir = Path(out)
+        if outdir.exists() and not outdir.is_dir():
+            raise InputError(f"--out {outdir}: exists and is not a folder")
+        outdir.mkdir(parents=True, exist_ok=True)
+        write_outputs(outdir, report, meter.ious.get("all", []))
+    return ReferReport("ReasonSeg", split, "predictions", meter.summary(), records, report)

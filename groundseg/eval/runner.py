@@ -1,0 +1,255 @@
+"""The segmentation evaluation loop shared by REFER and ReasonSeg: expressions grouped by image, predicted with
+LISA's teacher-forced protocol or by generation, scored, logged and resumable; and scoring a predictions file
+without a model.
+
+Protocols:
+
+* ``"teacher-forced"`` (LISA's evaluation, the default): the expressions of an image go through one forward per
+  ``batch_size`` of them, the answer fixed to ``"[SEG]."``; the image is encoded once per forward.
+* ``"generate"``: each question is asked and the model generates; the prediction is the union of the masks of its
+  ``[SEG]`` tokens (an answer without one predicts nothing).
+
+Multi-target expressions (``multi``) are always generated, since their answer carries one ``[SEG]`` per object.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import InputError, load_image, mask_to_rle, rle_to_mask
+from .metrics import IoUMeter
+from .report import PredictionLog, dist_info
+
+PROTOCOLS = ("teacher-forced", "generate")
+MODE_ALIASES = {"teacher": "teacher-forced", "chat": "generate"}
+MULTI_QUESTION = "Segment {}."
+
+#: expression -> (ground-truth mask, ignore mask or None), both (H, W) bool at the image size.
+GroundTruth = Callable[["Expression"], "tuple[np.ndarray, np.ndarray | None]"]
+
+
+@dataclass(frozen=True)
+class Expression:
+    """One expression to segment: ``sent_id`` is its key in ``predictions.jsonl`` (unique within a split),
+    ``question`` the template its text is put into, ``image`` the image file."""
+
+    sent_id: Any
+    image_id: Any
+    ref_id: Any
+    text: str
+    kind: str | None
+    question: str
+    image: Path
+    multi: bool = False
+
+
+def protocol_name(protocol: str | None = None, mode: str | None = None) -> str:
+    """The protocol from ``protocol`` or the older ``mode`` alias (teacher / chat); teacher-forced by default."""
+    if mode is not None and mode not in MODE_ALIASES:
+        raise InputError(f"mode {mode!r}: expected 'teacher' or 'chat'")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise InputError(f"protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    aliased = MODE_ALIASES.get(mode) if mode is not None else None
+    if protocol is not None and aliased is not None and protocol != aliased:
+        raise InputError(f"--mode {mode} means --protocol {aliased}, which contradicts --protocol {protocol}")
+    return protocol or aliased or "teacher-forced"
+
+
+def check_unique(groups: list[list[Expression]], where: str) -> None:
+    """Refuse a split whose sentences share a ``sent_id`` (predictions are keyed by it)."""
+    seen: set = set()
+    for group in groups:
+        for e in group:
+            if e.sent_id in seen:
+                raise InputError(f"{where}: sent_id {e.sent_id!r} appears twice; predictions cannot be keyed by it")
+            seen.add(e.sent_id)
+
+
+def predict(model, rgb: np.ndarray, exprs: list[Expression], protocol: str, batch_size: int
+            ) -> Iterator[tuple[Expression, np.ndarray]]:
+    """(expression, (H, W) bool prediction) for each of ``exprs`` of one image, in order."""
+    runs: list[tuple[tuple[bool, str], list[Expression]]] = []
+    for e in exprs:  # consecutive expressions asked the same way share forwards
+        how = (protocol == "generate" or e.multi, MULTI_QUESTION if e.multi else e.question)
+        if runs and runs[-1][0] == how and len(runs[-1][1]) < batch_size:
+            runs[-1][1].append(e)
+        else:
+            runs.append((how, [e]))
+    for (generate, question), part in runs:
+        if generate:
+            masks = _generated_masks(model, rgb, [question.format(e.text) for e in part])
+        else:
+            logits = model.segment_teacher_forced(rgb, [e.text for e in part], question=question)
+            masks = list((logits > 0).cpu().numpy())
+        yield from zip(part, masks)
+
+
+def _generated_masks(model, rgb: np.ndarray, questions: list[str]) -> list[np.ndarray]:
+    out = []
+    for res in model.segment(rgb, questions, max_new_tokens=96):
+        keep = [k for k, src in enumerate(res.sources) if src == "seg"]
+        seg = res.masks[keep] if len(res.masks) else res.masks
+        out.append(seg.any(0) if len(seg) else np.zeros(rgb.shape[:2], bool))
+    return out
+
+
+def run_masks(model, groups: list[list[Expression]], ground_truth: GroundTruth, protocol: str = "teacher-forced",
+              batch_size: int = 16, log: PredictionLog | None = None, progress: bool = True,
+              desc: str = "eval") -> tuple[IoUMeter, list[dict]]:
+    """Predict and score every expression of ``groups`` (one list per image).
+
+    Expressions already in ``log.done`` (an interrupted run) are scored from their logged RLE instead of being
+    predicted again; each new one is appended to ``log``. Returns the meter and one record per expression
+    (``sent_id``, ``image_id``, ``ref_id``, ``sentence``, ``kind``, ``iou``), in split order.
+
+    Under ``accelerate launch`` (an initialised ``torch.distributed`` group of N processes) process r takes the
+    images ``r, r + N, ...``, all of them append to the one log, and the meters and records are gathered, so every
+    process returns what a single process would (the metrics' sums are order-free).
+    """
+    from tqdm import tqdm
+
+    rank, world = dist_info()
+    mine = groups[rank::world]
+    meter, records = IoUMeter(), {}
+    done = log.done if log is not None else {}
+    bar = tqdm(total=sum(len(g) for g in mine), unit="expr", disable=not progress or rank != 0, smoothing=0.1,
+               desc=desc if world == 1 else f"{desc} [process 0 of {world}]")
+    try:
+        for group in mine:
+            todo = []
+            for e in group:
+                if e.sent_id not in done:
+                    todo.append(e)
+                    continue
+                gt, ignore = ground_truth(e)
+                pred = record_mask(done[e.sent_id].get("segmentation"), gt.shape, f"{log.path} sent_id {e.sent_id}")
+                records[e.sent_id] = _record(e, meter.add(pred, gt, e.kind, ignore))
+                bar.update(1)
+            if not todo:
+                continue
+            rgb = load_image(todo[0].image)
+            for e, pred in predict(model, rgb, todo, protocol, batch_size):
+                gt, ignore = ground_truth(e)
+                iou = meter.add(pred, gt, e.kind, ignore)
+                records[e.sent_id] = _record(e, iou)
+                if log is not None:
+                    log.write({"sent_id": e.sent_id, "ref_id": e.ref_id, "image_id": e.image_id,
+                               "segmentation": mask_to_rle(pred), "iou": iou})
+                bar.update(1)
+    finally:
+        bar.close()
+    if world > 1:
+        meter, records = _gather(meter, records, world)
+    return meter, [records[e.sent_id] for g in groups for e in g]
+
+
+def _gather(meter: IoUMeter, records: dict, world: int) -> tuple[IoUMeter, dict]:
+    """Every process's meter and records, merged in process order."""
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, (meter, records))
+    merged, all_records = IoUMeter(), {}
+    for m, r in parts:
+        merged.merge(m)
+        all_records.update(r)
+    return merged, all_records
+
+
+def _record(e: Expression, iou: float) -> dict[str, Any]:
+    return {"sent_id": e.sent_id, "image_id": e.image_id, "ref_id": e.ref_id, "sentence": e.text, "kind": e.kind,
+            "iou": iou}
+
+
+def record_mask(rle: Any, shape: tuple[int, int], where: str) -> np.ndarray:
+    """Decode a logged or submitted RLE, checking it is a mask of the image's size."""
+    if rle is None:
+        raise InputError(f"{where}: no 'segmentation'")
+    try:
+        mask = rle_to_mask(rle)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    if mask.shape != tuple(shape):
+        raise InputError(f"{where}: segmentation size {list(mask.shape)} differs from the image size "
+                         f"{list(shape)}")
+    return mask
+
+
+def read_predictions(path: str | Path) -> list[tuple[str, dict]]:
+    """(location, entry) for each prediction of a JSONL file or a JSON list; InputError names a bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--predictions {path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text ({exc})") from None
+    if text.lstrip().startswith("["):
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not valid JSON ({exc})") from None
+        items = [(f"{path} entry {k}", e) for k, e in enumerate(entries)]
+    else:
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((f"{path} line {n}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path} line {n} is not valid JSON ({exc.msg})") from None
+    for where, e in items:
+        if not isinstance(e, dict) or "sent_id" not in e or "segmentation" not in e:
+            raise InputError(f"{where}: expected an object with 'sent_id' and 'segmentation'")
+    return items
+
+
+def score_predictions(path: str | Path, groups: list[list[Expression]], ground_truth: GroundTruth,
+                      split_names: frozenset = frozenset(), where: str = "the split"
+                      ) -> tuple[IoUMeter, list[dict], int]:
+    """Score a predictions file (JSONL or a JSON list of ``{"sent_id", "segmentation": RLE}``) without a model.
+
+    Sentences of ``groups`` absent from the file count as empty predictions; returns (meter, records, how many were
+    missing). Raises InputError, naming the line, for an unknown or repeated ``sent_id``, a malformed RLE or a mask
+    whose size differs from its image. ``split_names`` are further sent_ids that are ignored (sentences of the split
+    beyond ``--limit``)."""
+    exprs = {e.sent_id: e for g in groups for e in g}
+    given: dict[Any, np.ndarray] = {}
+    for loc, entry in read_predictions(path):
+        key = entry["sent_id"]
+        if key in given:
+            raise InputError(f"{loc}: sent_id {key!r} appears twice")
+        if key not in exprs:
+            if key in split_names:
+                given[key] = None
+                continue
+            raise InputError(f"{loc}: sent_id {key!r} is not a sentence of {where}")
+        gt, _ = ground_truth(exprs[key])
+        given[key] = record_mask(entry["segmentation"], gt.shape, loc)
+    meter, records, missing = IoUMeter(), [], 0
+    for group in groups:
+        for e in group:
+            gt, ignore = ground_truth(e)
+            pred = given.get(e.sent_id)
+            if pred is None:
+                missing += 1
+                pred = np.zeros_like(gt)
+            records.append(_record(e, meter.add(pred, gt, e.kind, ignore)))
+    return meter, records, missing
+
+
+class Clock:
+    """Seconds since construction (for ``report.json``'s ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
