@@ -166,11 +166,13 @@ class LisaModel(nn.Module):
 
     @torch.no_grad()
     def segment(self, images, prompts: str | Sequence[str], max_new_tokens: int = 128,
-                boxes: Sequence | None = None) -> list[Result]:
+                boxes: Sequence | None = None, answer: str | None = None) -> list[Result]:
         """Ground each (image, prompt) pair.
 
         ``images``: one image (path, array or PIL) or a list; ``prompts``: one string or a list. One image with
         many prompts encodes the image once; one prompt with many images applies it to each; two lists pair up.
+        ``answer`` fixes the answer instead of generating it (LISA's evaluation path, teacher-forced; ``{}`` in it
+        stands for the prompt, e.g. ``"Sure, {} [SEG]."``): every prompt then goes through one forward.
         Returns one :class:`Result` per pair, masks at the image's original size."""
         if boxes:
             raise InputError(f"the {self.family} family has no region encoder, so it cannot take box prompts "
@@ -194,13 +196,21 @@ class LisaModel(nn.Module):
         image_features = self.vlm.encode_images(clip)  # (I, N, H), once per image
         sam_embeddings = self.sam.encode(torch.stack([p.sam for p in prepared]).to(self.device))
 
-        id_lists = [self.prompt_tokenizer(self.chat_prompt(p)) for _, p in pairs]
         feats = image_features[[i for i, _ in pairs]]
-        emb = self._embed_batch(id_lists, feats, left_pad=True)
-        gen = self.vlm.generate(emb.inputs_embeds, emb.attention_mask, emb.token_ids, max_new_tokens,
-                                self.eos_id, self.pad_id)
-        seg_states = self._seg_states(gen.token_ids, gen.hidden_states)
-        answers = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.new_tokens]
+        if answer is not None:  # teacher-forced: the answer is given, one forward for every prompt
+            answers = [answer.replace("{}", p.strip()) for _, p in pairs]
+            id_lists = [self.prompt_tokenizer(self.conversation.prompt(
+                [(image_question(p, self.config.use_im_start_end), a)])) for (_, p), a in zip(pairs, answers)]
+            emb = self._embed_batch(id_lists, feats, left_pad=False)
+            states, _ = self.vlm.run(emb.inputs_embeds, emb.attention_mask)
+            seg_states = self._seg_states(emb.token_ids, states)
+        else:
+            id_lists = [self.prompt_tokenizer(self.chat_prompt(p)) for _, p in pairs]
+            emb = self._embed_batch(id_lists, feats, left_pad=True)
+            gen = self.vlm.generate(emb.inputs_embeds, emb.attention_mask, emb.token_ids, max_new_tokens,
+                                    self.eos_id, self.pad_id)
+            seg_states = self._seg_states(gen.token_ids, gen.hidden_states)
+            answers = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.new_tokens]
 
         results: list[Result | None] = [None] * len(pairs)
         for img_idx, prep in enumerate(prepared):
