@@ -19,8 +19,8 @@ import torch
 from ..datasets.reasonseg import ReasonSegSample, load_reasonseg
 from ..io import InputError
 from .refer import ReferReport
-from .report import build_report, dist_info, start_run, write_outputs
-from .runner import Clock, Expression, protocol_name, run_masks, score_predictions
+from .report import build_report, write_outputs
+from .runner import Clock, Expression, protocol_name, run_and_report, score_predictions
 
 __all__ = ["evaluate_reasonseg", "score_reasonseg_predictions"]
 
@@ -55,23 +55,11 @@ def evaluate_reasonseg(model, data_root: str, split: str = "val", protocol: str 
     if resume and not out:
         raise InputError("--resume needs --out, the folder of the run to continue")
     samples, groups = _split(data_root, split, limit)
-    log = None
-    if out:
-        run = {"task": "reasonseg", "dataset": "ReasonSeg", "split": split, "protocol": protocol,
-               "model": model_name, "limit": limit}
-        out, log = start_run(out, run, resume)
-    try:
-        meter, records = run_masks(model, groups, _ground_truth(samples), protocol, batch_size, log, progress,
-                                   desc=f"eval ReasonSeg {split}")
-    finally:
-        if log is not None:
-            log.close()
-    report = build_report(meter, dataset="ReasonSeg", split=split, model=model_name, protocol=protocol,
-                          num_images=len(groups), seconds=clock())
-    if out:
-        report["resumed_expressions"] = len(log.done)
-        if dist_info()[0] == 0:
-            write_outputs(out, report, meter.ious.get("all", []))
+    run = {"task": "reasonseg", "dataset": "ReasonSeg", "split": split, "protocol": protocol, "model": model_name,
+           "limit": limit}
+    meter, records, report = run_and_report(model, groups, _ground_truth(samples), protocol, batch_size, out, run,
+                                            resume, progress, f"eval ReasonSeg {split}", clock, dataset="ReasonSeg",
+                                            split=split, model=model_name)
     return ReferReport("ReasonSeg", split, protocol, meter.summary(), records, report)
 
 

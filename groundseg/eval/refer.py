@@ -29,7 +29,8 @@ from ..io import InputError, load_image, mask_to_bbox, save_json
 from .metrics import box_iou
 from .report import (build_report, dist_info, save_iou_histogram, split_count_warning, start_run,
                      write_outputs)
-from .runner import MULTI_QUESTION, Clock, Expression, check_unique, protocol_name, run_masks, score_predictions
+from .runner import (MULTI_QUESTION, Clock, Expression, check_unique, protocol_name, run_and_report,
+                     score_predictions)
 
 SEG_QUESTION = "What is {} in this image? Please output segmentation mask."
 BOX_QUESTION = "Where is {}? Answer with a box."
@@ -148,24 +149,13 @@ def evaluate_refer(model, data_root: str, dataset: str | None = None, split_by: 
     groups = _expressions(by_image, images)
     split_by = _split_by(refer, split_by)
     warnings = _warnings(name, split_by, refer, split, len(samples), limit)
-    log = None
     if out:
         check_unique(groups, refer.source)
-        run = {"task": "refer", "dataset": name, "split_by": split_by, "split": split, "protocol": protocol,
-               "model": model_name, "limit": limit}
-        out, log = start_run(out, run, resume)
-    try:
-        meter, records = run_masks(model, groups, _ground_truth(refer), protocol, batch_size, log, progress,
-                                   desc=f"eval {name} {split}")
-    finally:
-        if log is not None:
-            log.close()
-    report = build_report(meter, dataset=name, split_by=split_by, split=split, model=model_name, protocol=protocol,
-                          num_images=len(groups), seconds=clock(), warnings=warnings)
-    if out:
-        report["resumed_expressions"] = len(log.done)
-        if dist_info()[0] == 0:
-            write_outputs(out, report, meter.ious.get("all", []))
+    run = {"task": "refer", "dataset": name, "split_by": split_by, "split": split, "protocol": protocol,
+           "model": model_name, "limit": limit}
+    meter, records, report = run_and_report(model, groups, _ground_truth(refer), protocol, batch_size, out, run,
+                                            resume, progress, f"eval {name} {split}", clock, dataset=name,
+                                            split_by=split_by, split=split, model=model_name, warnings=warnings)
     return ReferReport(name, split, protocol, meter.summary(), records, report)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..io import InputError, load_image, mask_to_rle, rle_to_mask
 from .metrics import IoUMeter
-from .report import PredictionLog, dist_info
+from .report import PredictionLog, build_report, dist_info, start_run, write_outputs
 
 PROTOCOLS = ("teacher-forced", "generate")
 MODE_ALIASES = {"teacher": "teacher-forced", "chat": "generate"}
@@ -253,3 +253,25 @@ class Clock:
 
     def __call__(self) -> float:
         return round(time.perf_counter() - self.start, 3)
+
+
+def run_and_report(net, groups: list[list[Expression]], ground_truth: GroundTruth, protocol: str, batch_size: int,
+                   out: str | None, run: dict[str, Any], resume: bool, progress: bool, desc: str, clock: "Clock",
+                   **info: Any) -> tuple[IoUMeter, list[dict[str, Any]], dict[str, Any]]:
+    """The run shared by every mask benchmark, with the model ``net``: open (or resume) ``out``'s prediction log, predict and score every
+    expression, build the report (``info`` are its extra keys) and, on the main process, write it with the IoU
+    histogram. Returns (meter, records, report)."""
+    log = None
+    if out:
+        out, log = start_run(out, run, resume)
+    try:
+        meter, records = run_masks(net, groups, ground_truth, protocol, batch_size, log, progress, desc=desc)
+    finally:
+        if log is not None:
+            log.close()
+    report = build_report(meter, protocol=protocol, num_images=len(groups), seconds=clock(), **info)
+    if out:
+        report["resumed_expressions"] = len(log.done)
+        if dist_info()[0] == 0:
+            write_outputs(out, report, meter.ious.get("all", []))
+    return meter, records, report
