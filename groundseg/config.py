@@ -225,7 +225,97 @@ def _shapes_demo() -> LisaConfig:
         out_dim=64, tokenization="plain", system=SHAPES_SYSTEM, answer_template=SHAPES_ANSWER)
 
 
-PRESETS = {"lisa-7b": _lisa_7b, "lisa-13b": _lisa_13b, "lisa-tiny": _lisa_tiny, "shapes-demo": _shapes_demo}
+# --------------------------------------------------------------------------------------------- GLaMM
+
+# GLaMM's evaluation prompts (reference/glamm.md §3). The GCG one has five spaces before "segmentation": the
+# official string literal continues over a line break and keeps the indentation, and the model saw it that way.
+GLAMM_GCG_PROMPT = ("Could you please give me a detailed description of the image? Please respond with interleaved"
+                    "     segmentation masks for the corresponding parts of the answer.")
+GLAMM_REGION_PROMPT = "Can you provide me with a detailed description of the region in the picture marked by <bbox>?"
+GLAMM_IMAGE_PREFIX = "The {image} provides an overview of the picture.\n"
+
+
+@dataclass
+class RegionConfig:
+    """Sizes of GLaMM's RoIAlign region encoder (grounding/region.py). Defaults are the official ones
+    (CLIP-L/14-336 features, 4 levels, LLM width 4096)."""
+
+    embed_dims: int = 1024  # CLIP width (input and working channels)
+    num_levels: int = 4
+    num_fuse: int = 5
+    gn_groups: int = 64
+    roi_size: int = 14
+    sampling_ratio: int = 2
+    featmap_strides: tuple[float, ...] = (14 / 8, 14 / 4, 14 / 2, 14.0)
+    # Boxes (normalised to the image) are multiplied by this before RoIAlign. 224 is GLaMM's GPT4RoI leftover
+    # on a 336-px CLIP, which the released weights were trained with (see grounding/region.py); None = the span
+    # the feature maps really cover (grid * last stride).
+    roi_box_scale: float | None = 224.0
+    pos_hidden: int = 256  # box MLP: 4 -> pos_hidden -> query_dims
+    query_dims: int = 1024  # flatten_linear output
+    out_dims: int = 4096  # LLM width
+    grid: int = 24  # CLIP patch grid (g x g); GLaMM asserts 24
+
+    @property
+    def map_sizes(self) -> list[int]:
+        """Side of each level's map after upsampling, finest first (192, 96, 48, 24)."""
+        return [self.grid * 2 ** (self.num_levels - 1 - lvl) for lvl in range(self.num_levels)]
+
+    @property
+    def box_scale(self) -> float:
+        return float(self.roi_box_scale) if self.roi_box_scale is not None else self.grid * self.featmap_strides[-1]
+
+
+@dataclass
+class GlammConfig(LisaConfig):
+    """GLaMM = LISA's parts on LLaVA-1.5 (``mlp2x_gelu`` projector) + a region encoder + GLaMM's prompts."""
+
+    family: str = "glamm"
+    projector: str = "mlp2x_gelu"
+    region: RegionConfig = field(default_factory=RegionConfig)
+    # Every first user turn starts with this ({image} = the image placeholder, with <im_start>/<im_end>).
+    image_prefix: str = GLAMM_IMAGE_PREFIX
+    gcg_prompt: str = GLAMM_GCG_PROMPT
+    region_prompt: str = GLAMM_REGION_PROMPT
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GlammConfig":
+        d = copy.deepcopy(d)
+        region = d.pop("region", None)
+        cfg = super().from_dict(d)
+        if region is not None:
+            region["featmap_strides"] = tuple(region.get("featmap_strides", ()))
+            cfg.region = RegionConfig(**region)
+        return cfg
+
+
+CLIP_VIT_L14_336 = dict(CLIP_VIT_L14_224, image_size=336)
+
+
+def _glamm() -> GlammConfig:
+    # GLaMM-FullScope: Vicuna-7B v1.5 (vocab 32000 + 7 GLaMM tokens), CLIP-L/14-336, SAM ViT-H.
+    return GlammConfig(
+        preset="glamm", checkpoint="MBZUAI/GLaMM-FullScope",
+        vision=VisionConfig(clip=dict(CLIP_VIT_L14_336), pretrained="openai/clip-vit-large-patch14-336"),
+        llm=_llama(32007, 4096, 11008, 32, 32, 1e-5, 4096), sam=sam_config("vit_h"))
+
+
+def _glamm_tiny() -> GlammConfig:
+    # The dimensions of the official parity fixture (../shared/parity/glamm_tiny): an 11-layer CLIP of width 64
+    # on 96-px images in 4-px patches (24x24 patches, as GLaMM needs), region levels at hidden states 1/4/7/10;
+    # with our own shipped tokenizer (lisa-tiny's, which has GLaMM's tokens).
+    return GlammConfig(
+        preset="glamm-tiny",
+        vision=VisionConfig(clip=dict(hidden_size=64, intermediate_size=64, num_hidden_layers=11,
+                                      num_attention_heads=4, image_size=96, patch_size=4, projection_dim=16,
+                                      hidden_act="quick_gelu", layer_norm_eps=1e-5)),
+        llm=_llama(0, 64, 128, 2, 4, 1e-5, 4096),
+        sam=sam_config("tiny"), out_dim=32, tokenization="plain",
+        region=RegionConfig(embed_dims=64, pos_hidden=8, query_dims=16, out_dims=64))
+
+
+PRESETS = {"lisa-7b": _lisa_7b, "lisa-13b": _lisa_13b, "lisa-tiny": _lisa_tiny, "shapes-demo": _shapes_demo,
+           "glamm": _glamm, "glamm-tiny": _glamm_tiny}
 
 
 def preset_config(name: str) -> LisaConfig:

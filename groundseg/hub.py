@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import LisaConfig, SamConfig, VisionConfig, preset_config, PRESETS
+from .config import GlammConfig, LisaConfig, RegionConfig, SamConfig, VisionConfig, preset_config, PRESETS
+from .grounding.glamm import GlammModel
 from .grounding.lisa import LisaModel
 from .io import InputError
 
@@ -44,6 +45,29 @@ _LISA_RULES = [
     ("model.", "vlm.language_model.model."),
     ("lm_head.", "vlm.language_model.lm_head."),
 ]
+# GLaMM (reference/glamm.md §2.2): LISA's layout with SAM under `grounding_encoder` and the region encoder.
+_GLAMM_RULES = [
+    ("model.vision_tower.vision_tower.vision_model.", "vlm.vision_tower."),
+    ("model.mm_projector.", "vlm.projector."),
+    ("model.grounding_encoder.", "sam.sam."),
+    ("model.region_encoder.", "region_encoder."),
+    ("model.text_hidden_fcs.", "seg_projector.text_hidden_fcs."),
+    ("model.", "vlm.language_model.model."),
+    ("lm_head.", "vlm.language_model.lm_head."),
+]
+# family -> (config class, model class)
+FAMILIES = {"lisa": (LisaConfig, LisaModel), "glamm": (GlammConfig, GlammModel)}
+# Presets built from scratch that share another preset's shipped tokenizer.
+_TOKENIZER_ASSETS = {"glamm-tiny": "lisa-tiny"}
+
+
+def _family(name: str):
+    if name not in FAMILIES:
+        raise CheckpointError(f"family {name!r} is not supported by this version of groundseg "
+                              f"(known: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[name]
+
+
 # Buffers that old transformers saved and current code recomputes.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|embeddings\.position_ids)$")
 
@@ -54,11 +78,11 @@ def _clip_prefix(model: LisaModel) -> str:
     return "vlm.vision_tower.vision_model." if has_level else "vlm.vision_tower."
 
 
-def official_to_ours(key: str, clip_prefix: str = "vlm.vision_tower.") -> str | None:
-    """Map an official LISA key to ours (None for buffers we recompute)."""
+def official_to_ours(key: str, clip_prefix: str = "vlm.vision_tower.", rules=None) -> str | None:
+    """Map an official LISA key (GLaMM with ``rules=_GLAMM_RULES``) to ours (None for buffers we recompute)."""
     if _IGNORED.search(key):
         return None
-    for old, new in _LISA_RULES:
+    for old, new in rules or _LISA_RULES:
         if key.startswith(old):
             if new == "vlm.vision_tower.":
                 new = clip_prefix
@@ -128,7 +152,7 @@ def _empty_model(config: LisaConfig, tokenizer) -> LisaModel:
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        return LisaModel(config, tokenizer)
+        return _family(config.family)[1](config, tokenizer)
 
 
 # ------------------------------------------------------------------------------------------ tokenizers
@@ -146,14 +170,13 @@ def load_tokenizer(folder: str | os.PathLike):
 
 def build_model(config: LisaConfig, tokenizer, device: str | torch.device | None = None) -> LisaModel:
     """A randomly initialised model for ``config`` (``device="meta"`` allocates nothing)."""
-    if config.family != "lisa":
-        raise CheckpointError(f"family {config.family!r} is not supported by this version of groundseg")
+    model_cls = _family(config.family)[1]
     if not config.llm.get("vocab_size"):
         if tokenizer is None:
             raise ValueError(f"preset {config.preset!r} takes its vocabulary size from its tokenizer")
         config.llm["vocab_size"] = len(tokenizer)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = LisaModel(config, tokenizer)
+        model = model_cls(config, tokenizer)
     return model.eval()
 
 
@@ -164,9 +187,11 @@ def _preset_model(name: str, seed: int = 0) -> LisaModel:
             return load_pretrained(ASSETS / name)
         # built from scratch: the shipped tokenizer and seeded random weights, the same on every call
         torch.manual_seed(seed)
-        return build_model(cfg, load_tokenizer(ASSETS / name))
+        return build_model(cfg, load_tokenizer(ASSETS / _TOKENIZER_ASSETS.get(name, name)))
     folder = _download(cfg.checkpoint)
     vision = _download(cfg.vision.pretrained) if cfg.vision.pretrained else None
+    if cfg.family == "glamm":
+        return load_official_glamm(folder, vision_tower=vision)
     return load_official_lisa(folder, vision_tower=vision)
 
 
@@ -208,6 +233,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
             raise CheckpointError(f"{cfg_file}: not valid JSON ({e})")
         if "family" in raw:
             model = load_pretrained(path)
+        elif "GLaMMForCausalLM" in raw.get("architectures", []):  # before LISA: it has train_mask_decoder too
+            model = load_official_glamm(path, vision_tower=vision_tower)
         elif "LISAForCausalLM" in raw.get("architectures", []) or raw.get("train_mask_decoder"):
             model = load_official_lisa(path, vision_tower=vision_tower)
         else:
@@ -236,7 +263,7 @@ def load_pretrained(folder: str | os.PathLike) -> LisaModel:
     raw = json.loads((folder / CONFIG_NAME).read_text())
     raw.pop("groundseg_version", None)
     try:
-        cfg = LisaConfig.from_dict(raw)
+        cfg = _family(raw.get("family", "lisa"))[0].from_dict(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_NAME}: {e}")
     tok = load_tokenizer(folder)
@@ -261,6 +288,12 @@ def save_pretrained(model: LisaModel, folder: str | os.PathLike) -> Path:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "family": model.family})
         model.tokenizer.save_pretrained(str(tmp))
+        # transformers 5 writes only tokenizer.json; the SentencePiece model is what reproduces the official
+        # checkpoints' 4.31 prompt ids (grounding/conversation.py), so it travels too.
+        sp_model = getattr(model.tokenizer, "vocab_file", None)
+        if sp_model and str(sp_model).endswith(".model") and os.path.isfile(sp_model) \
+                and not (tmp / "tokenizer.model").exists():
+            shutil.copy(sp_model, tmp / "tokenizer.model")
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -336,6 +369,12 @@ def lisa_config_from_official(hf_config: dict, state: dict[str, torch.Tensor], c
 def load_official_lisa(folder: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> LisaModel:
     """Build from an official LISA checkpoint folder; CLIP from ``vision_tower`` (a folder with a transformers
     CLIP model, or a hub id), defaulting to the checkpoint's ``mm_vision_tower``."""
+    return _load_official(folder, vision_tower, lisa_config_from_official, _LISA_RULES)
+
+
+def _load_official(folder: str | os.PathLike, vision_tower, make_config, rules) -> LisaModel:
+    """The LLaVA-style official layouts (LISA, GLaMM): ``make_config(hf_config, state, clip_config)`` gives our
+    config, ``rules`` map the keys; CLIP comes from its own folder or hub id (merge scripts drop it)."""
     from transformers import CLIPVisionModel
 
     folder = Path(folder)
@@ -349,7 +388,7 @@ def load_official_lisa(folder: str | os.PathLike, vision_tower: str | os.PathLik
         clip = CLIPVisionModel.from_pretrained(str(clip_dir))
     except Exception as e:
         raise CheckpointError(f"{clip_dir}: cannot load a CLIP vision model ({type(e).__name__}: {str(e)[:120]})")
-    cfg = lisa_config_from_official(hf_config, state, clip.config.to_dict())
+    cfg = make_config(hf_config, state, clip.config.to_dict())
     cfg.vision.pretrained = str(clip_src)
     tok = load_tokenizer(folder)
     model = _empty_model(cfg, tok)
@@ -358,7 +397,7 @@ def load_official_lisa(folder: str | os.PathLike, vision_tower: str | os.PathLik
     for k, v in state.items():
         if "vision_tower" in k:  # merge scripts drop them; a full state dict carries them: CLIP comes from clip_dir
             continue
-        new = official_to_ours(k, clip_prefix)
+        new = official_to_ours(k, clip_prefix, rules)
         if new is not None:
             ours[new] = v
     for k, v in clip.state_dict().items():
@@ -366,3 +405,41 @@ def load_official_lisa(folder: str | os.PathLike, vision_tower: str | os.PathLik
             ours[clip_prefix + k.removeprefix("vision_model.")] = v
     load_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in ours.items()}, str(folder))
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ official GLaMM
+
+def region_config_from_state(state: dict[str, torch.Tensor], prefix: str = "model.region_encoder.") -> RegionConfig:
+    """Region encoder sizes read off the tensor shapes (GLaMM hard-codes the rest: 5 fuse rounds are counted,
+    GroupNorm 64 groups, strides 14/8..14, the x224 box scale)."""
+    def t(name: str) -> torch.Tensor:
+        if prefix + name not in state:
+            raise CheckpointError(f"checkpoint has no region-encoder tensor {prefix + name}")
+        return state[prefix + name]
+
+    count = lambda part: len({k for k in state if k.startswith(prefix + part) and k.endswith(".weight")})
+    embed = t("mlvl_fuse.input_conv.0.weight").shape[0]
+    query, flat = t("roi_align.flatten_linear.weight").shape
+    return RegionConfig(embed_dims=embed, num_levels=count("mlvl_fuse.input_conv."),
+                        num_fuse=count("mlvl_fuse.fuse_convs.") // 2,  # conv.weight + gn.weight per round
+                        roi_size=round((flat / embed) ** 0.5), pos_hidden=t("roi_align.pos_embedd.0.weight").shape[0],
+                        query_dims=query, out_dims=t("roi_align.updims.weight").shape[0])
+
+
+def glamm_config_from_official(hf_config: dict, state: dict[str, torch.Tensor], clip_config: dict) -> GlammConfig:
+    """A :class:`GlammConfig` from an official GLaMM ``config.json``, its tensors and the CLIP tower's config."""
+    sam_state = {k.replace("model.grounding_encoder.", "model.visual_model."): v for k, v in state.items()
+                 if k.startswith("model.grounding_encoder.")}
+    base = lisa_config_from_official(hf_config, sam_state, clip_config)
+    fields = {f: getattr(base, f) for f in ("vision", "llm", "sam", "out_dim", "use_im_start_end")}
+    return GlammConfig(**fields, projector=hf_config.get("mm_projector_type", "mlp2x_gelu"), tokenization="lisa",
+                       region=region_config_from_state(state))
+
+
+def load_official_glamm(folder: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> GlammModel:
+    """Build from an official GLaMM checkpoint folder (``GLaMMForCausalLM``: ``model.region_encoder.*``,
+    ``model.grounding_encoder.*`` (SAM), ``model.text_hidden_fcs.*``, ``model.mm_projector.{0,2}.*``; bf16 and
+    fp32 tensors mixed -- everything is cast to float32 on load). CLIP (never in GLaMM checkpoints) comes from
+    ``vision_tower``, defaulting to the checkpoint's ``mm_vision_tower``. ``<bbox>``/``[SEG]`` ids come from the
+    tokenizer by name (the official loader's ``bbox_token_idx`` reset to 32002 is its own quirk)."""
+    return _load_official(folder, vision_tower, glamm_config_from_official, _GLAMM_RULES)

@@ -41,8 +41,6 @@ def lisa_parity():
 def write_official_lisa(folder: Path, cfg: dict, state: dict, fmt: str = "bin") -> tuple[Path, Path]:
     """Lay the fixture out as a released LISA checkpoint: config.json + weights without CLIP keys + tokenizer,
     and CLIP in a folder of its own (as `openai/clip-vit-large-patch14` would be)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     ckpt, clip_dir = folder / "lisa", folder / "clip"
     ckpt.mkdir(parents=True)
     (ckpt / "config.json").write_text(json.dumps({**cfg["llm_config"], "architectures": ["LISAForCausalLM"],
@@ -56,6 +54,15 @@ def write_official_lisa(folder: Path, cfg: dict, state: dict, fmt: str = "bin") 
         save_file(weights, str(ckpt / "model.safetensors"))
     for f in (LISA_TINY / "tokenizer").iterdir():
         shutil.copy(f, ckpt / f.name)
+    save_fixture_clip(cfg, state, clip_dir)
+    return ckpt, clip_dir
+
+
+def save_fixture_clip(cfg: dict, state: dict, clip_dir: Path) -> None:
+    """The CLIP tower of an official parity fixture (keys ``model.vision_tower.vision_tower.*``) as a transformers
+    folder of its own, as the real checkpoints' CLIP comes from its hub id."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
     clip_cfg = {k: v for k, v in cfg["clip_vision_config"].items() if k not in ("architectures", "torch_dtype")}
     clip = CLIPVisionModel(CLIPVisionConfig(**clip_cfg))
     prefix = "model.vision_tower.vision_tower."
@@ -66,7 +73,6 @@ def write_official_lisa(folder: Path, cfg: dict, state: dict, fmt: str = "bin") 
         clip_state = {k.removeprefix("vision_model."): v for k, v in clip_state.items()}
     clip.load_state_dict({k: v for k, v in clip_state.items() if k in own}, strict=True)
     clip.save_pretrained(str(clip_dir))
-    return ckpt, clip_dir
 
 
 @pytest.fixture(scope="session")

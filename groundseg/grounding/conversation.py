@@ -73,16 +73,28 @@ class PromptTokenizer:
             raise ValueError(f"tokenization mode must be 'lisa' or 'plain', got {mode!r}")
         self.tokenizer = tokenizer
         self.mode = mode
-        self.legacy = tokenizer.init_kwargs.get("legacy", True) is not False
+        # transformers 5 keeps `legacy` on the tokenizer object, not always in init_kwargs.
+        legacy = getattr(tokenizer, "legacy", None)
+        if legacy is None:
+            legacy = tokenizer.init_kwargs.get("legacy", True)
+        self.legacy = legacy is not False
         self.special = set(tokenizer.all_special_tokens)
-        added = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(re.escape(t) for t in added) + ")") if added else None
         self._sp = None
         vocab_file = getattr(tokenizer, "vocab_file", None)
         if mode == "lisa" and vocab_file and os.path.isfile(vocab_file) and vocab_file.endswith(".model"):
             import sentencepiece
 
             self._sp = sentencepiece.SentencePieceProcessor(model_file=vocab_file)
+        added = tokenizer.get_added_vocab()
+        if self._sp is not None:
+            # transformers 5 lists the SentencePiece model's user-defined pieces (e.g. "\n" in GLaMM's parity
+            # tokenizer) as added tokens; 4.31 left them to SentencePiece: split only on control pieces (<s>, </s>),
+            # <unk> and ids past the model.
+            sp = self._sp
+            added = {t: i for t, i in added.items()
+                     if i >= sp.get_piece_size() or sp.is_control(i) or sp.is_unknown(i)}
+        added = sorted(added, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in added) + ")") if added else None
         # LISA's prompts always start with BOS; a plain tokenizer adds one only if its own template does
         # (decided once here, not per prompt).
         bos = tokenizer.bos_token_id
@@ -124,7 +136,10 @@ class PromptTokenizer:
             return self.tokenizer(text, add_special_tokens=False).input_ids
         if self.legacy or first:
             return self._sp.encode(text)
-        # legacy=False: no dummy prefix after an added token. Encode behind <unk> and drop its pieces.
-        unk = self._sp.encode(self._sp.id_to_piece(self._sp.unk_id()))
-        out = self._sp.encode(self._sp.id_to_piece(self._sp.unk_id()) + text)
-        return out[len(unk):]
+        # legacy=False (GLaMM): 4.31 encodes text that follows an added token with the dummy prefix, then takes
+        # the leading "▁" off the first piece (unless the text starts with a space) and looks the rest up as a
+        # piece of its own (<unk> when the vocabulary lacks it).
+        pieces = self._sp.encode(text, out_type=str)
+        if pieces and not text.startswith(" ") and pieces[0].startswith(SPIECE_UNDERLINE):
+            pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
+        return [self._sp.piece_to_id(p) for p in pieces]

@@ -27,7 +27,7 @@ from ..result import Result
 from ..train.losses import mask_losses, token_ce
 from .conversation import Conversation, PromptTokenizer, image_question
 from .tokens import SEG, parse_boxes, token_id
-from .vlm import VisionLanguageModel
+from .vlm import Embedded, VisionLanguageModel
 
 EVAL_QUESTION = "What is {} in this image? Please output segmentation mask."
 
@@ -60,6 +60,10 @@ class LisaBatch:
     input_sizes: list[tuple[int, int]]
     original_sizes: list[tuple[int, int]]
     gt_masks: list[torch.Tensor]
+    # Region prompts (GLaMM): per conversation row, (n_r, 4) boxes normalised to the original image, in the order of
+    # the row's <bbox> placeholders (None or empty: no boxes). Rows with boxes need no masks and may come without
+    # SAM inputs (``sam_pixel_values`` None).
+    region_boxes: list[torch.Tensor | None] | None = None
     # Shapes-world extras for the auxiliary attribute loss (train/probes.py): (B_img, 3, g, g) class labels on
     # SAM's low-resolution grid and (n_masks, 3) the classes of each mask's object.
     attribute_maps: torch.Tensor | None = None
@@ -134,9 +138,33 @@ class LisaModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ prompts
 
+    def first_question(self, question: str) -> str:
+        """The first user turn: the image placeholder and the question (GLaMM adds its overview sentence)."""
+        return image_question(question, self.config.use_im_start_end)
+
     def chat_prompt(self, question: str) -> str:
         """The llava_v1 prompt with an open assistant turn."""
-        return self.conversation.prompt([(image_question(question, self.config.use_im_start_end), None)])
+        return self.conversation.prompt([(self.first_question(question), None)])
+
+    # Hooks for families that add to LISA (GLaMM: region prompts, phrase <-> mask pairs). LISA has no region
+    # encoder, so box prompts are refused.
+
+    def _encode_clip(self, clip: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """(B, 3, s, s) -> projected image tokens (B, N, H) and the region encoder's CLIP levels (None here)."""
+        return self.vlm.encode_images(clip), None
+
+    def _with_regions(self, emb, levels, row_images: list[int], row_boxes) -> Embedded:
+        if row_boxes is not None and any(b is not None and len(b) for b in row_boxes):
+            raise InputError(f"the {self.family} family has no region encoder, so it cannot take box prompts "
+                             "(--box); use a GLaMM model")
+        return emb
+
+    def _decode_answer(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def _phrases(self, answer: str, n_seg: int) -> list[str | None]:
+        """One phrase (or None) per [SEG] of ``answer``."""
+        return [None] * n_seg
 
     def _embed_batch(self, id_lists: list[list[int]], image_features: torch.Tensor, left_pad: bool):
         """Pad id lists (left or right), splice image features (B, N, H) -> Embedded."""
@@ -174,9 +202,6 @@ class LisaModel(nn.Module):
         ``answer`` fixes the answer instead of generating it (LISA's evaluation path, teacher-forced; ``{}`` in it
         stands for the prompt, e.g. ``"Sure, {} [SEG]."``): every prompt then goes through one forward.
         Returns one :class:`Result` per pair, masks at the image's original size."""
-        if boxes:
-            raise InputError(f"the {self.family} family has no region encoder, so it cannot take box prompts "
-                             "(--box); use a GLaMM model")
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(image_list) == 1:
@@ -192,25 +217,34 @@ class LisaModel(nn.Module):
             if not p or not p.strip():
                 raise InputError("prompt is empty: expected a sentence describing what to segment")
         prepared = [self.prepare_image(im) for im in image_list]
+        # Box prompts: pixel boxes on each image, the same boxes for every prompt, normalised per image.
+        row_boxes = None
+        if boxes:
+            row_boxes = [torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+                         / torch.tensor([prepared[i].original_size[1], prepared[i].original_size[0]] * 2)
+                         for i, _ in pairs]
+        row_images = [i for i, _ in pairs]
         clip = torch.stack([p.clip for p in prepared]).to(self.device)
-        image_features = self.vlm.encode_images(clip)  # (I, N, H), once per image
+        image_features, levels = self._encode_clip(clip)  # (I, N, H), once per image
         sam_embeddings = self.sam.encode(torch.stack([p.sam for p in prepared]).to(self.device))
 
         feats = image_features[[i for i, _ in pairs]]
         if answer is not None:  # teacher-forced: the answer is given, one forward for every prompt
             answers = [answer.replace("{}", p.strip()) for _, p in pairs]
             id_lists = [self.prompt_tokenizer(self.conversation.prompt(
-                [(image_question(p, self.config.use_im_start_end), a)])) for (_, p), a in zip(pairs, answers)]
-            emb = self._embed_batch(id_lists, feats, left_pad=False)
+                [(self.first_question(p), a)])) for (_, p), a in zip(pairs, answers)]
+            emb = self._with_regions(self._embed_batch(id_lists, feats, left_pad=False), levels, row_images,
+                                     row_boxes)
             states, _ = self.vlm.run(emb.inputs_embeds, emb.attention_mask)
             seg_states = self._seg_states(emb.token_ids, states)
         else:
             id_lists = [self.prompt_tokenizer(self.chat_prompt(p)) for _, p in pairs]
-            emb = self._embed_batch(id_lists, feats, left_pad=True)
+            emb = self._with_regions(self._embed_batch(id_lists, feats, left_pad=True), levels, row_images,
+                                     row_boxes)
             gen = self.vlm.generate(emb.inputs_embeds, emb.attention_mask, emb.token_ids, max_new_tokens,
                                     self.eos_id, self.pad_id)
             seg_states = self._seg_states(gen.token_ids, gen.hidden_states)
-            answers = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.new_tokens]
+            answers = [self._decode_answer(t) for t in gen.new_tokens]
 
         results: list[Result | None] = [None] * len(pairs)
         for img_idx, prep in enumerate(prepared):
@@ -243,7 +277,7 @@ class LisaModel(nn.Module):
         out = []
         for answer, sl, bl, bs in zip(answers, seg_logits, box_logits, answer_boxes):
             both = torch.cat([sl, bl])
-            phrases = [None] * len(sl) + [b.phrase for b in bs]
+            phrases = self._phrases(answer, len(sl)) + [b.phrase for b in bs]
             sources = ["seg"] * len(sl) + ["box"] * len(bs)
             out.append(make_result(answer, both, phrases, sources))
         return out
@@ -260,8 +294,8 @@ class LisaModel(nn.Module):
         answer = self.config.answer_template if answer is None else answer
         prep = self.prepare_image(image)
         feats = self.vlm.encode_images(prep.clip[None].to(self.device))
-        prompts = [self.conversation.prompt([(image_question(question.format(e), self.config.use_im_start_end),
-                                              answer.replace("{}", e))]) for e in expressions]
+        prompts = [self.conversation.prompt([(self.first_question(question.format(e)), answer.replace("{}", e))])
+                   for e in expressions]
         emb = self._embed_batch([self.prompt_tokenizer(p) for p in prompts],
                                 feats.expand(len(prompts), -1, -1), left_pad=False)
         states, _ = self.vlm.run(emb.inputs_embeds, emb.attention_mask)
@@ -279,13 +313,19 @@ class LisaModel(nn.Module):
         also ``pred_masks`` (per-image (n_i, H_i, W_i) logits at the original size)."""
         dev = self.device
         offset = batch.offset.tolist()
-        feats = self.vlm.encode_images(batch.clip_pixel_values.to(dev))
-        per_conv = torch.cat([feats[i:i + 1].expand(offset[i + 1] - offset[i], -1, -1)
-                              for i in range(len(offset) - 1)])
-        emb = self.vlm.embed(batch.input_ids.to(dev), per_conv, self.pad_id, batch.labels.to(dev))
+        feats, levels = self._encode_clip(batch.clip_pixel_values.to(dev))
+        row_images = [i for i in range(len(offset) - 1) for _ in range(offset[i], offset[i + 1])]
+        emb = self.vlm.embed(batch.input_ids.to(dev), feats[row_images], self.pad_id, batch.labels.to(dev))
+        emb = self._with_regions(emb, levels, row_images, batch.region_boxes)
         states, _ = self.vlm.run(emb.inputs_embeds, emb.attention_mask)
         ce = token_ce(self.vlm.logits(states), emb.labels) * self.config.losses.ce_weight
         seg = self._seg_states(emb.token_ids, states)
+        if batch.sam_pixel_values is None:  # text-only targets (e.g. region captions): no mask losses
+            if any(len(s) for s in seg):
+                raise ValueError("a batch without SAM inputs has [SEG] tokens in its conversations")
+            zero = ce.new_zeros(())
+            return {"loss": ce, "ce_loss": ce, "mask_bce_loss": zero, "mask_dice_loss": zero, "mask_loss": zero,
+                    "pred_masks": [], "sam_embeddings": None, "seg_prompts": ce.new_zeros(0, self.config.out_dim)}
         with torch.no_grad() if not any(p.requires_grad for p in self.sam.sam.image_encoder.parameters()) \
                 else torch.enable_grad():
             sam_emb = self.sam.encode(batch.sam_pixel_values.to(dev))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -87,6 +88,12 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) CLIP-normalised pixels -> (B, N, H) projected image tokens."""
+        return self.encode_images_with_levels(pixel_values, ())[0]
+
+    def encode_images_with_levels(self, pixel_values: torch.Tensor, levels: Sequence[int]
+                                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Projected image tokens (B, N, H) and, from the same tower pass, the patch states (B, g*g, C) of the
+        CLIP ``hidden_states`` indices in ``levels`` (CLS dropped) -- what a region encoder reads."""
         tower = self.vision_tower
         trainable = any(p.requires_grad for p in tower.parameters()) and torch.is_grad_enabled()
         with torch.set_grad_enabled(trainable):
@@ -94,7 +101,8 @@ class VisionLanguageModel(nn.Module):
             feats = out.hidden_states[self.vision_config.select_layer]
             if self.vision_config.select_feature == "patch":
                 feats = feats[:, 1:]
-        return self.projector(feats.to(self.projector_dtype))
+            level_feats = [out.hidden_states[i][:, 1:] for i in levels]
+        return self.projector(feats.to(self.projector_dtype)), level_feats
 
     @property
     def projector_dtype(self) -> torch.dtype:
