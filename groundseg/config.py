@@ -323,3 +323,146 @@ def preset_config(name: str) -> LisaConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------- Sa2VA
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Sa2VA's released inference code builds SAM2's mean/std in bfloat16 (the image itself stays float32), so these
+# are the values it really normalises with (reference: parity/sa2va_tiny README, "Preprocessing").
+SA2VA_SAM2_MEAN_BF16 = (0.484375, 0.455078125, 0.40625)
+SA2VA_SAM2_STD_BF16 = (0.228515625, 0.2236328125, 0.224609375)
+
+
+@dataclass
+class Sam2Config:
+    """Which SAM2 to build: a config shipped inside the ``sam2`` package (a hydra name such as
+    ``configs/sam2/sam2_hiera_l.yaml``; absolute paths do not work with it) plus hydra overrides for other sizes.
+    ``pixel_mean``/``pixel_std`` normalise [0, 1] pixels; ``resize`` is the PIL filter to S x S."""
+
+    config_file: str = "configs/sam2/sam2_hiera_l.yaml"
+    overrides: list[str] = field(default_factory=list)
+    pixel_mean: tuple[float, float, float] = SA2VA_SAM2_MEAN_BF16
+    pixel_std: tuple[float, float, float] = SA2VA_SAM2_STD_BF16
+    resize: str = "bicubic"
+
+
+def sam2_tiny_overrides() -> list[str]:
+    """Hydra overrides on ``configs/sam2/sam2_hiera_t.yaml`` giving the SAM2 of the Sa2VA tiny parity fixture
+    (Hiera embed 8, d_model 32, memory 16 channels); the input stays 1024 as in every release."""
+    m = "++model."
+    tr, ma, me = m + "image_encoder.trunk.", m + "memory_attention.", m + "memory_encoder."
+    return [
+        tr + "embed_dim=8", tr + "num_heads=1", tr + "stages=[1,1,2,1]", tr + "global_att_blocks=[3]",
+        tr + "window_pos_embed_bkg_spatial_size=[4,4]", tr + "window_spec=[8,4,4,4]",
+        m + "image_encoder.neck.d_model=32", m + "image_encoder.neck.backbone_channel_list=[64,32,16,8]",
+        m + "image_encoder.neck.position_encoding.num_pos_feats=32",
+        ma + "d_model=32", ma + "num_layers=2", ma + "layer.d_model=32", ma + "layer.dim_feedforward=64",
+        ma + "layer.self_attention.embedding_dim=32", ma + "layer.self_attention.feat_sizes=[32,32]",
+        ma + "layer.cross_attention.embedding_dim=32", ma + "layer.cross_attention.feat_sizes=[32,32]",
+        ma + "layer.cross_attention.kv_in_dim=16",
+        me + "out_dim=16", me + "in_dim=32", me + "position_encoding.num_pos_feats=16",
+        me + "mask_downsampler.embed_dim=32", me + "fuser.layer.dim=32",
+    ]
+
+
+@dataclass
+class Sa2VALossConfig:
+    """Sa2VA's mask losses (reference/sa2va.md §2): BCE x 2.0 + naive Dice (eps 1) x 0.5 on uncertainty-sampled
+    points of the 256 x 256 logits; ``num_points = 0`` scores every pixel instead."""
+
+    ce_weight: float = 1.0
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+    dice_eps: float = 1.0
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    objects_per_frame: int = 5  # check_obj_number(fix_number=5): repeat or subsample each sample's objects
+
+
+@dataclass
+class Sa2VAConfig:
+    """A Sa2VA model, InternVL2.5 layout: InternViT (``vision``: InternVisionConfig-style keywords) + ``mlp1`` +
+    a transformers causal LM (``llm``: config dict with ``model_type``) + SAM2 + ``text_hidden_fcs`` to
+    ``out_dim``. ``template`` names the chat template (``qwen_chat``, ``internlm2_chat``, ``phi3_chat``), as the
+    release's config.json does; ``key_frames``/``num_key_frames`` choose the frames the MLLM sees in a video."""
+
+    family: str = "sa2va"
+    preset: str | None = None
+    vision: dict[str, Any] = field(default_factory=dict)
+    llm: dict[str, Any] = field(default_factory=dict)
+    sam2: Sam2Config = field(default_factory=Sam2Config)
+    out_dim: int = 256
+    template: str = "qwen_chat"
+    select_layer: int = -1
+    downsample_ratio: float = 0.5
+    ps_version: str = "v2"
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    use_thumbnail: bool = True
+    mllm_mean: tuple[float, float, float] = IMAGENET_MEAN
+    mllm_std: tuple[float, float, float] = IMAGENET_STD
+    key_frames: str = "first"  # "first" (as released) or "uniform"
+    num_key_frames: int = 5
+    answer_template: str = "Sure, [SEG]."
+    losses: Sa2VALossConfig = field(default_factory=Sa2VALossConfig)
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Sa2VAConfig":
+        d = copy.deepcopy(d)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"config.json: unknown field(s) {unknown} for family {d.get('family')!r}")
+        if "sam2" in d:
+            s = d["sam2"]
+            for k in ("pixel_mean", "pixel_std"):
+                if k in s:
+                    s[k] = tuple(s[k])
+            d["sam2"] = Sam2Config(**s)
+        if "losses" in d:
+            d["losses"] = Sa2VALossConfig(**d["losses"])
+        for k in ("mllm_mean", "mllm_std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _qwen2(vocab_size: int, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, **extra: Any
+           ) -> dict[str, Any]:
+    return dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                rms_norm_eps=1e-6, hidden_act="silu", rope_theta=1000000.0, tie_word_embeddings=False,
+                use_sliding_window=False, **extra)
+
+
+def _internvit(hidden: int, inter: int, layers: int, heads: int) -> dict[str, Any]:
+    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                image_size=448, patch_size=14, qkv_bias=True, qk_normalization=False, norm_type="layer_norm",
+                layer_norm_eps=1e-6, hidden_act="gelu")
+
+
+def _sa2va_4b() -> Sa2VAConfig:
+    # ByteDance/Sa2VA-4B: InternViT-300M-448px-V2_5 + Qwen2.5-3B-Instruct + SAM2.0 Hiera-L; phi3_chat template
+    # (reference/sa2va.md §1.1); vocabulary 151674 InternVL2.5 tokens + 5 Sa2VA tokens.
+    return Sa2VAConfig(preset="sa2va-4b", checkpoint="ByteDance/Sa2VA-4B", vision=_internvit(1024, 4096, 24, 16),
+                       llm=_qwen2(151679, 2048, 11008, 36, 16, 2, max_position_embeddings=32768),
+                       sam2=Sam2Config("configs/sam2/sam2_hiera_l.yaml"), template="phi3_chat")
+
+
+def _sa2va_tiny() -> Sa2VAConfig:
+    # The dimensions of the official parity fixture (../shared/parity/sa2va_tiny) with our own shipped tokenizer
+    # (its vocabulary size is filled in from the tokenizer), except that SAM2 reads 256 pixels instead of 1024
+    # (a 16x16 embedding): 16x less work per frame for tests of the video path.
+    return Sa2VAConfig(preset="sa2va-tiny", vision=_internvit(32, 64, 2, 2),
+                       llm=_qwen2(0, 64, 128, 2, 4, 2, max_position_embeddings=4096),
+                       sam2=Sam2Config("configs/sam2/sam2_hiera_t.yaml",
+                                       sam2_tiny_overrides() + ["++model.image_size=256"]), out_dim=32)
+
+
+SA2VA_PRESETS = {"sa2va-4b": _sa2va_4b, "sa2va-tiny": _sa2va_tiny}

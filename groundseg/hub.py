@@ -221,7 +221,12 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
     model. Raises :class:`CheckpointError` / :class:`InputError` with one line on bad input."""
     name = str(name_or_path) if name_or_path is not None else default_model()
     path = Path(name)
-    if name in PRESETS:
+    from .grounding.sa2va_hub import load_sa2va  # Sa2VA presets and folders (ours or the official layout)
+
+    sa2va = None if name in PRESETS else load_sa2va(name)
+    if sa2va is not None:
+        model = sa2va
+    elif name in PRESETS:
         model = _preset_model(name)
     elif path.is_dir():
         cfg_file = path / CONFIG_NAME
@@ -243,7 +248,10 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
     elif path.exists():
         raise CheckpointError(f"{path}: expected a checkpoint folder, got a file")
     else:
-        raise CheckpointError(f"unknown model {name!r}: not a preset ({', '.join(sorted(PRESETS))}) "
+        from .config import SA2VA_PRESETS
+
+        known = ", ".join(sorted([*PRESETS, *SA2VA_PRESETS]))
+        raise CheckpointError(f"unknown model {name!r}: not a preset ({known}) "
                               "and no such folder")
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)

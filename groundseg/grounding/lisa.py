@@ -202,20 +202,7 @@ class LisaModel(nn.Module):
         ``answer`` fixes the answer instead of generating it (LISA's evaluation path, teacher-forced; ``{}`` in it
         stands for the prompt, e.g. ``"Sure, {} [SEG]."``): every prompt then goes through one forward.
         Returns one :class:`Result` per pair, masks at the image's original size."""
-        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        if len(image_list) == 1:
-            pairs = [(0, p) for p in prompt_list]
-        elif len(prompt_list) == 1:
-            pairs = [(i, prompt_list[0]) for i in range(len(image_list))]
-        elif len(prompt_list) == len(image_list):
-            pairs = list(enumerate(prompt_list))
-        else:
-            raise InputError(f"{len(image_list)} images and {len(prompt_list)} prompts: give one prompt, "
-                             "one image, or as many prompts as images")
-        for _, p in pairs:
-            if not p or not p.strip():
-                raise InputError("prompt is empty: expected a sentence describing what to segment")
+        image_list, pairs = pair_prompts(images, prompts)
         prepared = [self.prepare_image(im) for im in image_list]
         # Box prompts: pixel boxes on each image, the same boxes for every prompt, normalised per image.
         row_boxes = None
@@ -343,6 +330,26 @@ class LisaModel(nn.Module):
         return {"loss": ce + mask_loss, "ce_loss": ce, "mask_bce_loss": bce, "mask_dice_loss": dice,
                 "mask_loss": mask_loss, "pred_masks": pred_masks, "sam_embeddings": sam_emb,
                 "seg_prompts": torch.cat(prompts) if prompts else sam_emb.new_zeros(0, self.config.out_dim)}
+
+
+def pair_prompts(images, prompts: str | Sequence[str]) -> tuple[list, list[tuple[int, str]]]:
+    """(image list, [(image index, prompt)]) for ``segment``'s arguments: one image with many prompts, one prompt
+    over many images, or two lists of the same length that pair up. Empty prompts are an :class:`InputError`."""
+    image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if len(image_list) == 1:
+        pairs = [(0, p) for p in prompt_list]
+    elif len(prompt_list) == 1:
+        pairs = [(i, prompt_list[0]) for i in range(len(image_list))]
+    elif len(prompt_list) == len(image_list):
+        pairs = list(enumerate(prompt_list))
+    else:
+        raise InputError(f"{len(image_list)} images and {len(prompt_list)} prompts: give one prompt, "
+                         "one image, or as many prompts as images")
+    for _, p in pairs:
+        if not p or not p.strip():
+            raise InputError("prompt is empty: expected a sentence describing what to segment")
+    return image_list, pairs
 
 
 def make_result(text: str, logits: torch.Tensor, phrases: list[str | None], sources: list[str]) -> Result:

@@ -1,0 +1,306 @@
+"""Videos in and out, one frame at a time.
+
+Reading: :func:`open_video` gives a :class:`FrameSource` over an MP4 (or anything OpenCV decodes) or a folder of
+JPEG/PNG frames. Frames are decoded lazily, one per step of the iteration, so holding a source costs one frame of
+memory whatever the video's length; :meth:`FrameSource.read` picks a few frames (the key frames) by streaming past
+the others. ``start``/``stride``/``max_frames`` select a sub-sequence; indices are positions in that selection and
+:meth:`FrameSource.frame_number` maps them back to the file.
+
+Writing: :class:`TrackWriter` writes, as frames arrive, ``masks/<frame:05d>.png`` (palette PNG, DAVIS colours,
+pixel value = object id = prompt order, 0 = background), ``overlay.mp4`` at the input's frame rate, and at the end
+``track.json`` (per frame and object: COCO RLE, score, box). Every file appears under its name only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .io import InputError, atomic_write, mask_to_rle, masks_to_boxes_xyxy, overlay, save_json
+
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DEFAULT_FPS = 24.0
+
+
+def _natural_key(path: Path):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name.lower())]
+
+
+class FrameSource:
+    """Frames of one video, decoded on demand. Iterating yields ``(index, rgb)`` with rgb (H, W, 3) uint8.
+
+    Use :func:`open_video` to make one. ``num_frames`` counts the selected frames, ``fps`` is the selection's
+    rate (the file's rate / stride), ``size`` is (H, W) of the first selected frame; every frame must share it."""
+
+    def __init__(self, name: str, total: int, fps: float, start: int = 0, stride: int = 1,
+                 max_frames: int | None = None):
+        if start < 0:
+            raise InputError(f"--start {start}: expected 0 or more")
+        if stride < 1:
+            raise InputError(f"--stride {stride}: expected at least 1")
+        if max_frames is not None and max_frames < 1:
+            raise InputError(f"--max-frames {max_frames}: expected at least 1")
+        if start >= total:
+            raise InputError(f"--start {start}: {name} has only {total} frame{'s' if total != 1 else ''}")
+        self.name = name
+        self.total = total
+        self.start, self.stride = start, stride
+        n = len(range(start, total, stride))
+        self.num_frames = min(n, max_frames) if max_frames is not None else n
+        self.fps = fps / stride
+        self.size: tuple[int, int] = (0, 0)
+        self.decoded = 0  # frames decoded so far (tests check that reading is lazy)
+
+    def frame_number(self, index: int) -> int:
+        """The frame's number in the file (0-based) for a position in the selection."""
+        return self.start + index * self.stride
+
+    # subclasses: _frames(numbers) yields (number, rgb) for increasing file frame numbers
+    def _frames(self, numbers: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+        raise NotImplementedError
+
+    def _checked(self, number: int, rgb: np.ndarray) -> np.ndarray:
+        self.decoded += 1
+        if rgb.shape[:2] != self.size:
+            raise InputError(f"{self.name}: frame {number} is {rgb.shape[1]}x{rgb.shape[0]} but the first frame is "
+                             f"{self.size[1]}x{self.size[0]}; every frame must have the same size")
+        return rgb
+
+    def read(self, indices: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """The frames at these selection positions, in increasing order (one pass over the file)."""
+        wanted = sorted({int(i) for i in indices if 0 <= int(i) < self.num_frames})
+        by_number = {self.frame_number(i): i for i in wanted}
+        for number, rgb in self._frames(sorted(by_number)):
+            yield by_number[number], self._checked(number, rgb)
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        return self.read(range(self.num_frames))
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+
+class FolderFrames(FrameSource):
+    """A folder of JPEG/PNG frames, in natural name order (``2.jpg`` before ``10.jpg``)."""
+
+    def __init__(self, folder: Path, **select):
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS and p.is_file()),
+                       key=_natural_key)
+        if not files:
+            raise InputError(f"{folder}: no JPEG/PNG frames in the folder")
+        self.files = files
+        super().__init__(str(folder), len(files), DEFAULT_FPS, **select)
+        sizes = {}
+        for i in range(self.num_frames):  # headers only: a size change is an error before anything is written
+            path = files[self.frame_number(i)]
+            try:
+                with Image.open(path) as im:
+                    sizes[path] = (im.height, im.width)
+            except Exception as e:
+                raise InputError(f"{path}: not a readable image ({type(e).__name__})")
+        first = files[self.frame_number(0)]
+        self.size = sizes[first]
+        for path, hw in sizes.items():
+            if hw != self.size:
+                raise InputError(f"{path}: frame is {hw[1]}x{hw[0]} but {first.name} is {self.size[1]}x"
+                                 f"{self.size[0]}; every frame must have the same size")
+
+    def _frames(self, numbers):
+        for n in numbers:
+            bgr = cv2.imread(str(self.files[n]), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise InputError(f"{self.files[n]}: not a readable image")
+            yield n, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+class VideoFileFrames(FrameSource):
+    """A video file decoded by OpenCV (MP4 and whatever else its FFmpeg reads)."""
+
+    def __init__(self, path: Path, **select):
+        cap = cv2.VideoCapture(str(path))
+        try:
+            ok, first = cap.read() if cap.isOpened() else (False, None)
+            if not ok or first is None:
+                raise InputError(f"{path}: not a readable video (expected an MP4 or a folder of JPEG/PNG frames)")
+            fps = cap.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
+            total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            if total <= 0:  # no count in the header: count by grabbing (no decoding)
+                total = 1
+                while cap.grab():
+                    total += 1
+        finally:
+            cap.release()
+        self.path = path
+        super().__init__(str(path), total, fps if fps > 0 else DEFAULT_FPS, **select)
+        self.size = first.shape[:2] if self.start == 0 else self._size_at(self.start)
+
+    def _size_at(self, number: int) -> tuple[int, int]:
+        for _, rgb in self._frames([number]):
+            return rgb.shape[:2]
+        raise InputError(f"--start {self.start}: {self.name} ends before frame {number}")
+
+    def _frames(self, numbers):
+        if not numbers:
+            return
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            n = 0
+            for target in numbers:
+                while n < target:  # skip without decoding
+                    if not cap.grab():
+                        return
+                    n += 1
+                ok, bgr = cap.read()
+                if not ok:
+                    return
+                n += 1
+                yield target, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        finally:
+            cap.release()
+
+
+class ArrayFrames(FrameSource):
+    """Frames already in memory (a list of (H, W, 3) uint8 arrays): for tests and the Python API."""
+
+    def __init__(self, frames: Sequence[np.ndarray], fps: float = DEFAULT_FPS, name: str = "<frames>", **select):
+        if len(frames) == 0:
+            raise InputError(f"{name}: no frames")
+        self.frames = frames
+        super().__init__(name, len(frames), fps, **select)
+        self.size = tuple(np.asarray(frames[self.start]).shape[:2])
+
+    def _frames(self, numbers):
+        for n in numbers:
+            yield n, np.asarray(self.frames[n], dtype=np.uint8)
+
+
+def open_video(video, start: int = 0, max_frames: int | None = None, stride: int = 1) -> FrameSource:
+    """A :class:`FrameSource` for an MP4 path, a folder of JPEG/PNG frames, a list of arrays, or a source (the
+    selection arguments then must be left at their defaults)."""
+    select = dict(start=start, max_frames=max_frames, stride=stride)
+    if isinstance(video, FrameSource):
+        return video
+    if isinstance(video, (list, tuple)):
+        return ArrayFrames(video, **select)
+    path = Path(video)
+    if not path.exists():
+        raise InputError(f"{path}: no such video file or frame folder")
+    if path.is_dir():
+        return FolderFrames(path, **select)
+    return VideoFileFrames(path, **select)
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+def davis_palette() -> list[int]:
+    """The 256-colour DAVIS/PASCAL VOC palette, flattened RGB (index 1 dark red, 2 dark green, ...)."""
+    from .datasets.shapes import _voc_palette
+
+    return _voc_palette()
+
+
+def label_map(logits: np.ndarray) -> np.ndarray:
+    """(N, H, W) mask logits -> (H, W) uint8 labels: each pixel gets the id (1-based prompt order) of the object
+    with the highest logit among those above 0, else 0."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if len(logits) == 0:
+        return np.zeros(logits.shape[1:], np.uint8)
+    if len(logits) > 255:
+        raise ValueError("at most 255 objects fit an 8-bit label map")
+    best = logits.argmax(0)
+    return np.where(logits.max(0) > 0, best + 1, 0).astype(np.uint8)
+
+
+def save_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Atomically write (H, W) uint8 labels as a palette PNG with the DAVIS colours."""
+    img = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
+    img.putpalette(davis_palette())
+    with atomic_write(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) labels of a palette/greyscale PNG (palette indices, not colours)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise InputError(f"{path}: expected a palette or greyscale PNG, got mode {img.mode}")
+            return np.asarray(img).copy()
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: not a readable PNG ({type(e).__name__})")
+
+
+class TrackWriter:
+    """Writes a tracking run into ``out`` as frames arrive (see the module docstring); :meth:`close` finishes
+    ``overlay.mp4`` and writes ``track.json``. Use as a context manager."""
+
+    def __init__(self, out: str | os.PathLike, prompts: Sequence[str], fps: float, size: tuple[int, int],
+                 info: dict | None = None, overlay_video: bool = True):
+        self.out = Path(out)
+        (self.out / "masks").mkdir(parents=True, exist_ok=True)
+        self.prompts = list(prompts)
+        self.fps = float(fps)
+        self.size = tuple(size)
+        self.info = dict(info or {})
+        self.frames: list[dict] = []
+        self._video = None
+        self._video_tmp = self.out / f".overlay.{os.getpid()}.mp4"
+        if overlay_video:
+            h, w = self.size
+            self._video = cv2.VideoWriter(str(self._video_tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            if not self._video.isOpened():
+                raise InputError(f"{self.out}: cannot write overlay.mp4 (OpenCV has no mp4v encoder here)")
+
+    def write(self, frame_number: int, rgb: np.ndarray, logits: np.ndarray, answer: str | None = None) -> None:
+        """One frame: ``logits`` (N, H, W) for the N prompts."""
+        logits = np.asarray(logits, dtype=np.float32)
+        labels = label_map(logits)
+        save_label_png(self.out / "masks" / f"{frame_number:05d}.png", labels)
+        masks = np.stack([labels == k + 1 for k in range(len(logits))]) if len(logits) else \
+            np.zeros((0, *labels.shape), bool)
+        prob = 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))
+        boxes = masks_to_boxes_xyxy(masks)
+        objects = []
+        for k, m in enumerate(masks):
+            area = int(m.sum())
+            objects.append({"id": k + 1, "prompt": self.prompts[k], "segmentation": mask_to_rle(m),
+                            "score": round(float(prob[k][m].mean()) if area else 0.0, 4),
+                            "box": [float(v) for v in boxes[k]] if area else None, "area": area})
+        self.frames.append({"frame": int(frame_number), "objects": objects})
+        if self._video is not None:
+            shown = overlay(rgb, masks, answer, phrases=[p if masks[k].any() else None
+                                                        for k, p in enumerate(self.prompts)])
+            self._video.write(cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        if self._video is not None:
+            self._video.release()
+            self._video = None
+            os.replace(self._video_tmp, self.out / "overlay.mp4")
+        save_json(self.out / "track.json", {**self.info, "prompts": self.prompts, "fps": self.fps,
+                                            "size": list(self.size), "num_frames": len(self.frames),
+                                            "frames": self.frames})
+
+    def abort(self) -> None:
+        if self._video is not None:
+            self._video.release()
+            self._video = None
+        if self._video_tmp.exists():
+            self._video_tmp.unlink()
+
+    def __enter__(self) -> "TrackWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
