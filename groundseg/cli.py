@@ -35,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment what a sentence refers to in one or more images")
     s.add_argument("images", nargs="+", metavar="IMAGE")
-    s.add_argument("--prompt", "-p", required=True, help="what to segment, e.g. 'the dog on the left'")
+    s.add_argument("--prompt", "-p", default=None, help="what to segment, e.g. 'the dog on the left' (with --box: "
+                                                        "one <bbox> per box, e.g. 'What is in <bbox>?')")
+    s.add_argument("--gcg", action="store_true",
+                   help="grounded conversation generation (GLaMM): the model's standard GCG prompt; each phrase of "
+                        "the caption gets its own mask, colour and legend entry")
     s.add_argument("--model", "-m", default=None, help="preset name or checkpoint folder (default: %(default)s "
                                                        "= the shipped default model)")
     s.add_argument("--out", "-o", default="out", help="output folder (default: %(default)s)")
@@ -50,15 +54,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=4, help="images per batch (default: %(default)s)")
     s.add_argument("--vision-tower", default=None, help="CLIP folder or hub id for official LISA checkpoints")
 
+    k = sub.add_parser("track", help="follow what each prompt names through a video (Sa2VA models)")
+    from .tracking import add_arguments as add_track_arguments
+
+    add_track_arguments(k)
+
     t = sub.add_parser("train", help="train or fine-tune (LoRA) a model; see groundseg/train/trainer.py")
     from .train.cli import add_arguments
 
     add_arguments(t)
 
     e = sub.add_parser("eval", help="evaluate a model on a benchmark and print the field's metrics")
-    e.add_argument("task", choices=["refer", "reasonseg", "rec", "boxes"],
+    e.add_argument("task", choices=["refer", "reasonseg", "rec", "boxes", "gcg", "regcap"],
                    help="refer: referring segmentation (cIoU, gIoU, Prec@X); reasonseg: ReasonSeg (the same "
-                        "metrics); rec (alias boxes): box grounding (Acc@0.5)")
+                        "metrics); rec (alias boxes): box grounding (Acc@0.5); gcg: grounded conversation "
+                        "generation on GranD-f-format files (AP50, mIoU, mask recall, METEOR, CIDEr); regcap: "
+                        "region captions (METEOR, CIDEr)")
     e.add_argument("--data-root", required=True,
                    help="refer/rec: folder holding the REFER dataset folders and images/; reasonseg: folder "
                         "holding ReasonSeg/<split>/ (or reason_seg/ReasonSeg/<split>/, or <split>/)")
@@ -80,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     e.add_argument("--predictions", default=None, metavar="FILE",
                    help="score this file (JSONL or JSON list of {sent_id, segmentation: RLE}) without a model")
+    e.add_argument("--text-encoder", default=None, metavar="DIR",
+                   help="gcg: local transformers text encoder for mask recall's phrase similarity (officially "
+                        "bert-base-uncased); without it recall is not computed")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="gcg/regcap: generation length (default 512 / "
+                                                                     "128)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
 
@@ -141,7 +157,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .hub import load_model
     from .io import check_image
 
-    if not args.prompt.strip():
+    if args.gcg and args.prompt is not None:
+        raise InputError("--gcg uses the model's standard grounded-caption prompt: drop --prompt")
+    if args.prompt is None and not args.gcg:
+        raise InputError("--prompt is required (or --gcg for a grounded caption)")
+    if args.prompt is not None and not args.prompt.strip():
         raise InputError("--prompt is empty: expected a sentence describing what to segment")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise InputError("--max-new-tokens and --batch-size must be at least 1")
@@ -161,6 +181,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if boxes and not getattr(model, "supports_regions", False):
         raise InputError(f"--box: the {model.family} family has no region encoder, so it cannot take box "
                          "prompts; use a GLaMM model")
+    if args.gcg and not getattr(model.config, "gcg_prompt", None):
+        raise InputError(f"--gcg: the {model.family} family has no grounded conversation generation; use a GLaMM "
+                         "model")
+    prompt = model.config.gcg_prompt if args.gcg else args.prompt
+    n_bbox = prompt.count("<bbox>")
+    if n_bbox != len(boxes) and (boxes or getattr(model, "supports_regions", False)):
+        raise InputError(f"--prompt has {n_bbox} <bbox> placeholder(s) but {len(boxes)} --box given: write one "
+                         "<bbox> per box, in box order, e.g. --prompt 'What is in <bbox>?'")
     for path in args.images:
         h, w = _image_size(path)
         for b in boxes:
@@ -173,11 +201,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(args.images), unit="img", disable=len(args.images) <= 1, file=sys.stderr)
     for start in range(0, len(args.images), args.batch_size):
         batch = args.images[start:start + args.batch_size]
-        results = model.segment(batch, args.prompt, max_new_tokens=args.max_new_tokens,
+        results = model.segment(batch, prompt, max_new_tokens=args.max_new_tokens,
                                 **({"boxes": boxes} if boxes else {}), **({"answer": args.answer}
                                                                             if args.answer is not None else {}))
         for path, res in zip(batch, results):
-            write_result(out, Path(path), res)
+            write_result(out, Path(path), res, gcg=args.gcg)
             note = "" if len(res) else "  (no [SEG] in the answer: no mask)"
             tqdm.write(f"{path}: {res.text}{note}", file=sys.stdout)
         bar.update(len(batch))
@@ -185,21 +213,30 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_result(out: Path, path: Path, res) -> None:
-    """<stem>.json, <stem>_mask<k>.png, <stem>_overlay.jpg for one Result."""
+def write_result(out: Path, path: Path, res, gcg: bool = False) -> None:
+    """<stem>.json, <stem>_mask<k>.png, <stem>_overlay.jpg for one Result. ``gcg``: every mask entry names its
+    phrase (null when the answer gave it none), the JSON adds the clean ``caption``, and the overlay gets a legend
+    mapping each colour to its phrase."""
     from .io import load_image, mask_to_bbox, mask_to_rle, overlay, save_jpeg, save_json, save_png_mask
 
     masks = []
     for k, m in enumerate(res.masks):
         entry = {"segmentation": mask_to_rle(m), "score": round(float(res.scores[k]), 4), "bbox": mask_to_bbox(m),
                  "source": res.sources[k] if k < len(res.sources) else "seg"}
-        if k < len(res.phrases) and res.phrases[k]:
-            entry["phrase"] = res.phrases[k]
+        if k < len(res.phrases) and res.phrases[k] or gcg:
+            entry = {"phrase": res.phrases[k] if k < len(res.phrases) else None, **entry}
         masks.append(entry)
         save_png_mask(out / f"{path.stem}_mask{k}.png", m)
-    save_json(out / f"{path.stem}.json", {"image": str(path), "text": res.text, "masks": masks})
-    save_jpeg(out / f"{path.stem}_overlay.jpg", overlay(load_image(path), res.masks, res.text,
-                                                       phrases=res.phrases or None))
+    doc = {"image": str(path), "text": res.text, "masks": masks}
+    if gcg:
+        from .grounding.glamm import clean_caption, gcg_overlay
+
+        doc = {"image": str(path), "text": res.text, "caption": clean_caption(res.text), "masks": masks}
+        save_jpeg(out / f"{path.stem}_overlay.jpg", gcg_overlay(load_image(path), res.masks, res.phrases, res.text))
+    else:
+        save_jpeg(out / f"{path.stem}_overlay.jpg", overlay(load_image(path), res.masks, res.text,
+                                                           phrases=res.phrases or None))
+    save_json(out / f"{path.stem}.json", doc)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -209,6 +246,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dest = save_pretrained(model, args.dest)
     print(f"wrote {dest}")
     return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from .tracking import run
+
+    return run(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -240,6 +283,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError("--protocol/--mode: box grounding always generates")
     if not Path(args.data_root).is_dir():  # before loading a model, which can take minutes
         raise InputError(f"--data-root {args.data_root}: folder not found")
+    if task in ("gcg", "regcap"):
+        return _eval_captioning(task, args)
     if args.predictions:
         if args.model or args.resume or args.protocol or args.mode:
             raise InputError("--predictions scores a file without a model: drop --model, --protocol and --resume")
@@ -279,6 +324,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if report.report.get("missing"):
             print(f"{report.report['missing']} of {report.report['num_expressions']} sentences had no prediction "
                   "(scored as empty masks)")
+    if args.out:
+        print(f"wrote {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def _eval_captioning(task: str, args: argparse.Namespace) -> int:
+    """``eval gcg`` / ``eval regcap`` (groundseg/eval/gcg.py)."""
+    import torch
+
+    from .eval.gcg import evaluate_gcg, evaluate_regcap
+    from .hub import default_model, load_model
+
+    if args.predictions or args.protocol or args.mode:
+        raise InputError(f"eval {task}: --predictions, --protocol and --mode apply to refer/reasonseg only")
+    if args.text_encoder and task != "gcg":
+        raise InputError("--text-encoder is for eval gcg (mask recall)")
+    if args.text_encoder and not Path(args.text_encoder).is_dir():
+        raise InputError(f"--text-encoder {args.text_encoder}: folder not found")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens}: expected at least 1")
+    from .eval.gcg import GT_CAPTION_FILE, GT_MASK_FILE, REGCAP_FILE
+
+    needed = ([GT_MASK_FILE, GT_CAPTION_FILE] if task == "gcg" else [args.dataset or REGCAP_FILE])
+    for name in needed:  # before loading a model, which can take minutes
+        f = Path(args.data_root) / name.format(split=args.split)
+        if not f.is_file():
+            raise InputError(f"eval {task}: {f} not found (expected GranD-f-format files in --data-root)")
+    model = load_model(args.model, device=_device(args.device), dtype=getattr(torch, DTYPES[args.dtype]))
+    common = dict(data_root=args.data_root, split=args.split, image_dir=args.image_dir, limit=args.limit,
+                  out=args.out, resume=args.resume, progress=sys.stderr.isatty(),
+                  model_name=args.model or default_model())
+    if args.max_new_tokens:
+        common["max_new_tokens"] = args.max_new_tokens
+    if task == "gcg":
+        report = evaluate_gcg(model, text_encoder=args.text_encoder, **common)
+        cols = ("AP50", "mIoU", "recall", "METEOR", "CIDEr")
+        n = report["num_images"]
+    else:
+        report = evaluate_regcap(model, dataset=args.dataset, **common)
+        cols = ("METEOR", "CIDEr")
+        n = report["num_regions"]
+    fmt = lambda v: "-" if v is None or v != v else f"{100 * v:.1f}"  # noqa: E731
+    print("  ".join(f"{c:>7}" for c in (*cols, "n")))
+    print("  ".join(f"{fmt(report[c]):>7}" for c in cols) + f"  {n:>7}")
+    if report.get("caption_metrics_error"):
+        print(f"METEOR/CIDEr not computed: {report['caption_metrics_error']}")
+    if task == "gcg":
+        print(f"mask recall text encoder: {report['recall_text_encoder'] or 'none (pass --text-encoder DIR)'}")
     if args.out:
         print(f"wrote {Path(args.out) / 'report.json'}")
     return 0
@@ -327,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = _parser().parse_args(argv)
-        return {"segment": cmd_segment, "convert": cmd_convert, "train": cmd_train,
+        return {"segment": cmd_segment, "convert": cmd_convert, "train": cmd_train, "track": cmd_track,
                 "data": cmd_data, "eval": cmd_eval}[args.command](args)
     except (InputError, CheckpointError) as e:
         print(f"groundseg: error: {e}", file=sys.stderr)

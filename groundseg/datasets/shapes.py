@@ -983,6 +983,9 @@ def write_shapes(
                                                   categories = SHAPES (id = position + 1)
         out_dir/shapes/refs(unc).p                REFER refs (pickle protocol 2, plain containers only)
         out_dir/shapes/grounded(unc).json         captions, region questions, box answers (format in its "info")
+        out_dir/gcg/{split}_gcg_coco_mask_gt.json     GranD-f GCG evaluation files (groundseg eval gcg): COCO
+        out_dir/gcg/{split}_gcg_coco_caption_gt.json  masks in caption order, plain captions + phrase labels
+        out_dir/gcg/{split}_regcap_coco_caption_gt.json  region captions (groundseg eval regcap), GLaMM's format
         out_dir/videos/JPEGImages/<vid>/00000.jpg   Ref-YouTube-VOS layout, when videos > 0
         out_dir/videos/Annotations/<vid>/00000.png  palette PNG: value = object id, 0 = background
         out_dir/videos/meta_expressions.json
@@ -1088,6 +1091,8 @@ def write_shapes(
         "images": grounded,
     })
 
+    gcg_files = _write_gcg(out / "gcg", grounded, coco_anns)
+
     summary = {
         "out_dir": str(out),
         "images": images,
@@ -1098,12 +1103,51 @@ def write_shapes(
         "splits": dict(Counter(split_of)),
         "videos": videos,
         "video_expressions": 0,
-        "files": [str(instances_path), str(refs_path), str(grounded_path)],
+        "files": [str(instances_path), str(refs_path), str(grounded_path), *gcg_files],
     }
     if videos > 0:
         summary["video_expressions"] = _write_videos(video_dir, world, videos)
         summary["files"] += [str(video_dir / "meta_expressions.json"), str(video_dir / "meta.json")]
     return summary
+
+
+def _write_gcg(gcg_dir: Path, grounded: list[dict], coco_anns: list[dict]) -> list[str]:
+    """Per split, GranD-f's GCG evaluation pair and a GLaMM-style region-caption file (see :func:`write_shapes`).
+
+    GCG: the mask file lists each image's objects in caption order (category 1), the caption file the caption
+    without markup and its phrases as ``labels`` in the same order, so phrase k names mask k. Region captions: one
+    "image" per region question (``id`` = annotation id), ``bbox`` xywh of the object's visible box, ``caption``
+    the answer."""
+    from groundseg.grounding.tokens import parse_phrases, strip_grounding
+
+    gcg_dir.mkdir(parents=True, exist_ok=True)
+    by_id = {a["id"]: a for a in coco_anns}
+    files: list[str] = []
+    for split in sorted({g["split"] for g in grounded}):
+        images, masks, caps, reg_images, reg_anns = [], [], [], [], []
+        for g in (g for g in grounded if g["split"] == split):
+            image = {k: g[k] for k in ("file_name", "height", "width")}
+            images.append({"id": g["image_id"], **image})
+            for ann_id in g["caption_ann_ids"]:
+                a = by_id[ann_id]
+                masks.append({"id": ann_id, "image_id": g["image_id"], "category_id": 1, "bbox": a["bbox"],
+                              "area": a["area"], "iscrowd": 0, "segmentation": a["segmentation"]})
+            caps.append({"id": g["image_id"], "image_id": g["image_id"], "caption": strip_grounding(g["caption"]),
+                         "labels": [p.phrase for p in parse_phrases(g["caption"])]})
+            for q in g["region_questions"]:
+                rid = len(reg_images) + 1
+                x1, y1, x2, y2 = q["box_xyxy"]
+                reg_images.append({"id": rid, **image})
+                reg_anns.append({"id": rid, "image_id": rid, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                 "caption": q["answer"], "ann_id": q["ann_id"]})
+        category = [{"id": 1, "name": "object"}]
+        for name, doc in ((f"{split}_gcg_coco_mask_gt.json", {"images": images, "annotations": masks,
+                                                                "categories": category}),
+                          (f"{split}_gcg_coco_caption_gt.json", {"images": images, "annotations": caps}),
+                          (f"{split}_regcap_coco_caption_gt.json", {"images": reg_images, "annotations": reg_anns})):
+            save_json(gcg_dir / name, doc)
+            files.append(str(gcg_dir / name))
+    return files
 
 
 def _write_videos(video_dir: Path, world: ShapesWorld, count: int) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..config import GlammConfig
@@ -43,11 +44,13 @@ def gcg_pairs(text: str) -> list[tuple[str | None, int]]:
     The phrase of a ``[SEG]`` is the ``<p>...</p>`` right before it (nothing but another phrase's ``[SEG]`` may come
     in between). When every phrase is followed by one ``[SEG]`` -- the form GLaMM is trained on -- this is GLaMM's
     own k-th phrase <-> k-th mask rule; when the model's markup is broken it keeps the pairs that are still
-    certain: an unterminated ``<p>`` or a stray ``</p>`` names nothing, and a ``[SEG]`` without a phrase (more
-    ``[SEG]`` than phrases) gets None."""
+    certain: an unterminated ``<p>``, a stray ``</p>`` or a "phrase" with a ``[SEG]`` inside names nothing, and a
+    ``[SEG]`` without a phrase (more ``[SEG]`` than phrases) gets None."""
     n_seg = text.count(SEG)
     phrase_of: dict[int, str] = {}
     for p in parse_phrases(text):
+        if SEG in p.phrase:  # "<p> dog [SEG] </p>": the tags do not delimit a phrase
+            continue
         if p.seg_index is not None and p.seg_index not in phrase_of:
             phrase_of[p.seg_index] = p.phrase
     return [(phrase_of.get(k), k) for k in range(n_seg)]
@@ -58,8 +61,9 @@ _TAG = re.compile(r"<[^<>]*>")
 
 def clean_caption(text: str) -> str:
     """GLaMM's evaluation cleaning of a GCG answer: drop ``[SEG]`` and every ``<...>`` tag, collapse whitespace,
-    strip quotes (reference/glamm.md §3, "Decoding/post-processing")."""
-    text = _TAG.sub("", text.replace(SEG, ""))
+    strip quotes (reference/glamm.md §3, "Decoding/post-processing"). Newlines are deleted first, joining what
+    they separate, as the official post-processing does."""
+    text = _TAG.sub("", text.replace("\n", "")).replace(SEG, "")
     return " ".join(text.split()).strip("'").strip()
 
 
@@ -129,3 +133,32 @@ class GlammModel(LisaModel):
         GLaMM's region-caption question (one box)."""
         return self.segment(image, prompt or self.config.region_prompt, max_new_tokens=max_new_tokens,
                             boxes=boxes)[0]
+
+
+def gcg_overlay(image_rgb: np.ndarray, masks: np.ndarray, phrases: Sequence[str | None], text: str | None = None
+                ) -> np.ndarray:
+    """The image with mask k filled in colour k (``io.PALETTE``) and labelled with its phrase, the answer as a
+    banner, and below the image a legend: one row per mask, its colour swatch and ``k. phrase``.
+    Returns (H + legend, W, 3) uint8."""
+    import cv2
+
+    from ..io import PALETTE, overlay
+
+    masks = np.asarray(masks, dtype=bool).reshape(-1, *np.asarray(image_rgb).shape[:2])
+    shown = overlay(image_rgb, masks, clean_caption(text) if text else None, phrases=list(phrases))
+    h, w = shown.shape[:2]
+    scale = max(0.4, min(1.0, w / 900))
+    thick = max(1, round(scale * 1.5))
+    row = int(28 * scale) + 8
+    legend = np.full((row * max(1, len(masks)) + 8, w, 3), 255, np.uint8)
+    if not len(masks):
+        cv2.putText(legend, "no grounded phrases", (8, row - 8), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick,
+                    cv2.LINE_AA)
+    for k, phrase in enumerate(phrases):
+        y = 4 + k * row
+        cv2.rectangle(legend, (8, y + 3), (8 + row - 6, y + row - 3), PALETTE[k % len(PALETTE)], -1)
+        label = f"{k + 1}. {phrase if phrase else '(no phrase)'}"
+        label = label.encode("ascii", "replace").decode()
+        cv2.putText(legend, label, (row + 10, y + row - 9), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick,
+                    cv2.LINE_AA)
+    return np.concatenate([shown, legend])
