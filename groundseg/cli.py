@@ -185,15 +185,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InputError(f"--gcg: the {model.family} family has no grounded conversation generation; use a GLaMM "
                          "model")
     prompt = model.config.gcg_prompt if args.gcg else args.prompt
-    n_bbox = prompt.count("<bbox>")
-    if n_bbox != len(boxes) and (boxes or getattr(model, "supports_regions", False)):
-        raise InputError(f"--prompt has {n_bbox} <bbox> placeholder(s) but {len(boxes)} --box given: write one "
-                         "<bbox> per box, in box order, e.g. --prompt 'What is in <bbox>?'")
     for path in args.images:
         h, w = _image_size(path)
         for b in boxes:
             if b[0] < 0 or b[1] < 0 or b[2] > w or b[3] > h:
                 raise InputError(f"--box {','.join(f'{v:g}' for v in b)} lies outside {path} ({w}x{h} pixels)")
+    n_bbox = prompt.count("<bbox>")
+    if n_bbox != len(boxes) and (boxes or getattr(model, "supports_regions", False)):
+        raise InputError(f"--prompt has {n_bbox} <bbox> placeholder(s) but {len(boxes)} --box given: write one "
+                         "<bbox> per box, in box order, e.g. --prompt 'What is in <bbox>?'")
     model.to(device=device, dtype=getattr(torch, DTYPES[args.dtype]))
 
     out = Path(args.out)
