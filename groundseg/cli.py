@@ -65,14 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(t)
 
     e = sub.add_parser("eval", help="evaluate a model on a benchmark and print the field's metrics")
-    e.add_argument("task", choices=["refer", "reasonseg", "rec", "boxes", "gcg", "regcap"],
+    e.add_argument("task", choices=["refer", "reasonseg", "rec", "boxes", "gcg", "regcap", "video"],
                    help="refer: referring segmentation (cIoU, gIoU, Prec@X); reasonseg: ReasonSeg (the same "
                         "metrics); rec (alias boxes): box grounding (Acc@0.5); gcg: grounded conversation "
                         "generation on GranD-f-format files (AP50, mIoU, mask recall, METEOR, CIDEr); regcap: "
-                        "region captions (METEOR, CIDEr)")
+                        "region captions (METEOR, CIDEr); video: referring video segmentation (J&F) on "
+                        "Ref-YouTube-VOS, MeViS, ReVOS or Ref-DAVIS17 (--format)")
     e.add_argument("--data-root", required=True,
                    help="refer/rec: folder holding the REFER dataset folders and images/; reasonseg: folder "
                         "holding ReasonSeg/<split>/ (or reason_seg/ReasonSeg/<split>/, or <split>/)")
+    e.add_argument("--format", default=None, choices=["refytvos", "mevis", "revos", "refdavis"],
+                   help="video: the dataset layout (see groundseg/eval/video.py); --predictions is then a folder "
+                        "of PRED/<video>/<exp_id>/<frame>.png masks")
     e.add_argument("--dataset", default=None, help="refcoco, refcoco+, refcocog, refclef, shapes or any REFER-format "
                                                    "folder under --data-root")
     e.add_argument("--split-by", default=None, help="unc, umd, google (default: the only refs file present)")
@@ -266,6 +270,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.metrics import format_table
     from .eval.runner import protocol_name
 
+    if args.task == "video":
+        from .eval.video import run_cli
+
+        return run_cli(args)
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit {args.limit}: expected at least 1")
     if args.batch_size < 1:

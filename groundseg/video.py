@@ -86,25 +86,24 @@ class FrameSource:
         return self.num_frames
 
 
-class FolderFrames(FrameSource):
-    """A folder of JPEG/PNG frames, in natural name order (``2.jpg`` before ``10.jpg``)."""
+class FileFrames(FrameSource):
+    """A list of JPEG/PNG frame files, in the given order. Every frame's header is read when the source is made,
+    so a frame of another size is an error before anything is decoded or written."""
 
-    def __init__(self, folder: Path, **select):
-        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS and p.is_file()),
-                       key=_natural_key)
-        if not files:
-            raise InputError(f"{folder}: no JPEG/PNG frames in the folder")
-        self.files = files
-        super().__init__(str(folder), len(files), DEFAULT_FPS, **select)
+    def __init__(self, files: Sequence[Path], name: str, **select):
+        self.files = [Path(f) for f in files]
+        if not self.files:
+            raise InputError(f"{name}: no JPEG/PNG frames")
+        super().__init__(name, len(self.files), DEFAULT_FPS, **select)
         sizes = {}
-        for i in range(self.num_frames):  # headers only: a size change is an error before anything is written
-            path = files[self.frame_number(i)]
+        for i in range(self.num_frames):
+            path = self.files[self.frame_number(i)]
             try:
                 with Image.open(path) as im:
                     sizes[path] = (im.height, im.width)
             except Exception as e:
                 raise InputError(f"{path}: not a readable image ({type(e).__name__})")
-        first = files[self.frame_number(0)]
+        first = self.files[self.frame_number(0)]
         self.size = sizes[first]
         for path, hw in sizes.items():
             if hw != self.size:
@@ -117,6 +116,17 @@ class FolderFrames(FrameSource):
             if bgr is None:
                 raise InputError(f"{self.files[n]}: not a readable image")
             yield n, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+class FolderFrames(FileFrames):
+    """A folder of JPEG/PNG frames, in natural name order (``2.jpg`` before ``10.jpg``)."""
+
+    def __init__(self, folder: Path, **select):
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS and p.is_file()),
+                       key=_natural_key)
+        if not files:
+            raise InputError(f"{folder}: no JPEG/PNG frames in the folder")
+        super().__init__(files, str(folder), **select)
 
 
 class VideoFileFrames(FrameSource):

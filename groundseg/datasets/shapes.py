@@ -989,6 +989,8 @@ def write_shapes(
         out_dir/videos/JPEGImages/<vid>/00000.jpg   Ref-YouTube-VOS layout, when videos > 0
         out_dir/videos/Annotations/<vid>/00000.png  palette PNG: value = object id, 0 = background
         out_dir/videos/meta_expressions.json
+        out_dir/videos/<split>/JPEGImages|Annotations/<vid>/   the same, per split (release layout; hard links)
+        out_dir/videos/meta_expressions/<split>/meta_expressions.json
         out_dir/videos/meta.json
 
     Ids: ``image_id = index + 1``; ``ann_id = image_id * 100 + object id``; ref ids and sentence ids count from 1.
@@ -1106,7 +1108,7 @@ def write_shapes(
         "files": [str(instances_path), str(refs_path), str(grounded_path), *gcg_files],
     }
     if videos > 0:
-        summary["video_expressions"] = _write_videos(video_dir, world, videos)
+        summary["video_expressions"] = _write_videos(video_dir, world, videos, splits)
         summary["files"] += [str(video_dir / "meta_expressions.json"), str(video_dir / "meta.json")]
     return summary
 
@@ -1150,8 +1152,9 @@ def _write_gcg(gcg_dir: Path, grounded: list[dict], coco_anns: list[dict]) -> li
     return files
 
 
-def _write_videos(video_dir: Path, world: ShapesWorld, count: int) -> int:
-    """Write ``count`` videos in the Ref-YouTube-VOS layout; returns the number of expressions."""
+def _write_videos(video_dir: Path, world: ShapesWorld, count: int, splits: Sequence[float] = (0.8, 0.1, 0.1)) -> int:
+    """Write ``count`` videos in the Ref-YouTube-VOS layout (flat, and per split as released: see
+    :func:`_link_video_splits`); returns the number of expressions."""
     palette = _voc_palette()
     meta_expressions, meta, total = {}, {}, 0
     for index in range(count):
@@ -1177,4 +1180,31 @@ def _write_videos(video_dir: Path, world: ShapesWorld, count: int) -> int:
         total += len(v.expressions)
     save_json(video_dir / "meta_expressions.json", {"videos": meta_expressions})
     save_json(video_dir / "meta.json", {"videos": meta})
+    _link_video_splits(video_dir, meta_expressions, _split_names(count, splits))
     return total
+
+
+def _link_video_splits(video_dir: Path, meta_expressions: dict, split_of: list[str]) -> None:
+    """The same videos in the official Ref-YouTube-VOS release layout, one folder per split (video k in the split
+    of image k's rule): ``<split>/JPEGImages/<vid>/``, ``<split>/Annotations/<vid>/`` (hard links to the files
+    above where the filesystem allows, copies otherwise) and ``meta_expressions/<split>/meta_expressions.json``."""
+    import shutil
+
+    names = list(meta_expressions)
+    for split in sorted(set(split_of)):
+        chosen = [n for n, s in zip(names, split_of) if s == split]
+        for vid in chosen:
+            for kind in ("JPEGImages", "Annotations"):
+                dest = video_dir / split / kind / vid
+                dest.mkdir(parents=True, exist_ok=True)
+                for src in sorted((video_dir / kind / vid).iterdir()):
+                    target = dest / src.name
+                    if target.exists():
+                        target.unlink()
+                    try:
+                        os.link(src, target)
+                    except OSError:
+                        shutil.copyfile(src, target)
+        (video_dir / "meta_expressions" / split).mkdir(parents=True, exist_ok=True)
+        save_json(video_dir / "meta_expressions" / split / "meta_expressions.json",
+                  {"videos": {n: meta_expressions[n] for n in chosen}})
