@@ -186,3 +186,20 @@ def test_track_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, media, case):
                 "zero_stride": "--stride 0: expected at least 1"}[case]
     assert __import__("re").search(expected, err), err
     assert not (tmp_path / "o").exists()  # checked before anything is written
+
+
+def test_track_in_another_dtype():
+    """The model cast to another float dtype tracks: SAM2's prompt encoder stays float32 and the FPN's float32 output
+    is brought to the model's dtype. float64 takes the same code path as bf16/fp16 (any dtype but float32) and is
+    fast on a CPU, where bf16 convolutions are not."""
+    import torch
+
+    from groundseg.hub import load_model
+
+    model = load_model("sa2va-tiny", dtype=torch.float64)
+    pe = model.grounding_encoder.sam2_model.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    assert pe.dtype == torch.float32 and model.grounding_encoder.dtype == torch.float64
+    frames = [np.random.RandomState(i).randint(0, 256, (24, 32, 3), dtype=np.uint8) for i in range(3)]
+    out = list(model.track(frames, ["a", "b"], answer="Sure, [SEG].", num_key_frames=1))
+    assert [f.index for f in out] == [0, 1, 2] and [f.key_frame for f in out] == [True, False, False]
+    assert out[-1].logits.shape == (2, 24, 32) and bool(torch.isfinite(out[-1].logits).all())

@@ -154,6 +154,13 @@ class Sam2Decoder(nn.Module):
         self.cfg = cfg
         self.sam2_model = build_sam2_model(cfg, device)
 
+    def _apply(self, fn, recurse: bool = True):
+        # Casting to bf16/fp16 would break the prompt encoder's float32 coordinate encoding (a float32 grid times its
+        # Gaussian matrix): keep it float32; its outputs are cast to the decoder's dtype.
+        super()._apply(fn, recurse)
+        self.sam2_model.sam_prompt_encoder.float()
+        return self
+
     @property
     def image_size(self) -> int:
         return int(self.sam2_model.image_size)
@@ -185,6 +192,8 @@ class Sam2Decoder(nn.Module):
         m = self.sam2_model
         backbone_out = m.forward_image(pixel_values.to(device=self.device, dtype=self.dtype))
         _, feats, pos, sizes = m._prepare_backbone_features(backbone_out)
+        # the FPN neck upsamples in float32 (SAM2 expects autocast around it): one dtype for what follows
+        feats, pos = [x.to(self.dtype) for x in feats], [x.to(self.dtype) for x in pos]
         return Sam2Features(feats, pos, sizes, backbone_out["backbone_fpn"])
 
     # ----------------------------------------------------------------------------------------- heads
@@ -220,7 +229,8 @@ class Sam2Decoder(nn.Module):
         if language is not None:
             sparse = torch.cat([sparse, language.to(sparse.dtype)[:, None, :]], dim=1)
         multimasks, ious, tokens, obj_scores = m.sam_mask_decoder(
-            image_embeddings=pix_feat, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse.to(pix_feat.dtype),
+            image_embeddings=pix_feat, image_pe=pe.get_dense_pe().to(pix_feat.dtype),
+            sparse_prompt_embeddings=sparse.to(pix_feat.dtype),
             dense_prompt_embeddings=dense.to(pix_feat.dtype), multimask_output=multimask, repeat_image=False,
             high_res_features=high_res)
         multimasks = multimasks.float()
