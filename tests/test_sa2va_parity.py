@@ -232,3 +232,18 @@ def test_sa2va_4b_layout_on_meta_device():
     assert {k: v for k, v in ours.items() if expected[k] != v} == {}
     assert len(ours) == 1685
     assert sum(int(np.prod(s)) for s in ours.values()) == 3941809714
+
+
+def test_convert_to_our_format_and_back(model, tmp_path):
+    """`groundseg convert` of the release layout: our folder (config.json with family sa2va, model.safetensors,
+    tokenizer) reloads through load_model to the same tensors and config."""
+    from groundseg import load_model, save_pretrained
+
+    folder = save_pretrained(model, tmp_path / "ours")
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["family"] == "sa2va" and raw["sam2"]["config_file"] == "configs/sam2/sam2_hiera_t.yaml"
+    again = load_model(folder)
+    assert type(again) is type(model) and again.config.template == "qwen_chat" and again.config.out_dim == 32
+    ours, theirs = model.state_dict(), again.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert again.tokenizer.convert_tokens_to_ids("[SEG]") == 332
