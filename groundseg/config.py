@@ -314,8 +314,23 @@ def _glamm_tiny() -> GlammConfig:
         region=RegionConfig(embed_dims=64, pos_hidden=8, query_dims=16, out_dims=64))
 
 
+def _glamm_shapes() -> GlammConfig:
+    # shapes-demo's sizes as a GLaMM (trains from scratch on the shapes world: groundseg train --preset
+    # glamm-shapes), with a small region encoder: 2 levels (CLIP hidden states 0 and 3 of its 3 layers, 8x8 patches
+    # of a 112-px view, upsampled to 16 and 8 cells at strides 7 and 14), 7x7 RoIs, boxes scaled by the 112 px the
+    # maps really span (not GLaMM's 224, a leftover only the official weights need). Region questions are the
+    # shapes world's "What is in <bbox>?".
+    base = _shapes_demo()
+    kept = {f.name: getattr(base, f.name) for f in dataclasses.fields(LisaConfig) if f.name not in ("family",)}
+    return GlammConfig(**{**kept, "preset": "glamm-shapes"},
+                       region=RegionConfig(embed_dims=128, num_levels=2, num_fuse=2, gn_groups=32, roi_size=7,
+                                           featmap_strides=(7.0, 14.0), roi_box_scale=None, pos_hidden=64,
+                                           query_dims=128, out_dims=192, grid=8),
+                       region_prompt="What is in <bbox>?")
+
+
 PRESETS = {"lisa-7b": _lisa_7b, "lisa-13b": _lisa_13b, "lisa-tiny": _lisa_tiny, "shapes-demo": _shapes_demo,
-           "glamm": _glamm, "glamm-tiny": _glamm_tiny}
+           "glamm": _glamm, "glamm-tiny": _glamm_tiny, "glamm-shapes": _glamm_shapes}
 
 
 def preset_config(name: str) -> LisaConfig:

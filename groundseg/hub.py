@@ -58,7 +58,12 @@ _GLAMM_RULES = [
 # family -> (config class, model class)
 FAMILIES = {"lisa": (LisaConfig, LisaModel), "glamm": (GlammConfig, GlammModel)}
 # Presets built from scratch that share another preset's shipped tokenizer.
-_TOKENIZER_ASSETS = {"glamm-tiny": "lisa-tiny"}
+_TOKENIZER_ASSETS = {"glamm-tiny": "lisa-tiny", "glamm-shapes": "shapes-demo"}
+
+
+def preset_tokenizer_dir(name: str) -> Path:
+    """Where a from-scratch preset's shipped tokenizer lives."""
+    return ASSETS / _TOKENIZER_ASSETS.get(name, name)
 
 
 def _family(name: str):
@@ -187,7 +192,7 @@ def _preset_model(name: str, seed: int = 0) -> LisaModel:
             return load_pretrained(ASSETS / name)
         # built from scratch: the shipped tokenizer and seeded random weights, the same on every call
         torch.manual_seed(seed)
-        return build_model(cfg, load_tokenizer(ASSETS / _TOKENIZER_ASSETS.get(name, name)))
+        return build_model(cfg, load_tokenizer(preset_tokenizer_dir(name)))
     folder = _download(cfg.checkpoint)
     vision = _download(cfg.vision.pretrained) if cfg.vision.pretrained else None
     if cfg.family == "glamm":

@@ -51,7 +51,7 @@ def caption_metrics(references: dict, candidates: dict) -> dict[str, float]:
     index = {k: i for i, k in enumerate(keys)}  # the scorers want sortable, hashable ids
     gts = {index[k]: [{"caption": c} for c in references[k]] for k in keys}
     res = {index[k]: [{"caption": candidates[k]}] for k in keys}
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), _quiet_stderr_fd():
         tok = PTBTokenizer()
         gts, res = tok.tokenize(gts), tok.tokenize(res)
         meteor = Meteor()
@@ -60,3 +60,19 @@ def caption_metrics(references: dict, candidates: dict) -> dict[str, float]:
         c, _ = Cider().compute_score(gts, res)
     return {"METEOR": float(m), "CIDEr": float(c)}
 
+
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Silence file descriptor 2 (the Java tokenizer's progress line goes straight to it, not via sys.stderr)."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

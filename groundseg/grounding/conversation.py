@@ -54,10 +54,11 @@ class Conversation:
         return out
 
 
-def image_question(question: str, use_im_start_end: bool = True) -> str:
-    """The first user turn: the image placeholder, a newline, then the question."""
+def image_question(question: str, use_im_start_end: bool = True, template: str = "{image}\n") -> str:
+    """The first user turn: ``template`` with ``{image}`` = the image placeholder, then the question. LISA's
+    template is ``"{image}\n"``; GLaMM's ``"The {image} provides an overview of the picture.\n"``."""
     image = f"{IM_START}{IMAGE}{IM_END}" if use_im_start_end else IMAGE
-    return f"{image}\n{question}"
+    return template.format(image=image) + question
 
 
 class PromptTokenizer:

@@ -30,7 +30,8 @@ import torch
 from ..config import GlammConfig
 from .lisa import LisaModel
 from .region import RegionEncoder, region_layer_indices, replace_bbox_embeddings
-from .tokens import BBOX, IM_END, IM_START, IMAGE, P_END, P_START, SEG, parse_phrases, token_id
+from .conversation import image_question
+from .tokens import BBOX, IM_END, IM_START, P_END, P_START, SEG, parse_phrases, token_id
 from .vlm import Embedded
 
 GLAMM_TOKENS = (IM_START, IM_END, BBOX, "<point>", SEG, P_START, P_END)
@@ -84,8 +85,7 @@ class GlammModel(LisaModel):
     # ------------------------------------------------------------------------------------------ prompts
 
     def first_question(self, question: str) -> str:
-        image = f"{IM_START}{IMAGE}{IM_END}" if self.config.use_im_start_end else IMAGE
-        return self.config.image_prefix.format(image=image) + question
+        return image_question(question, self.config.use_im_start_end, self.config.image_prefix)
 
     def _encode_clip(self, clip: torch.Tensor):
         return self.vlm.encode_images_with_levels(clip, self.region_levels)

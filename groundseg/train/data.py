@@ -31,7 +31,7 @@ import torch
 from ..config import LisaConfig
 from ..grounding.conversation import Conversation, PromptTokenizer, image_question
 from ..grounding.lisa import LisaBatch, prepare_image
-from ..grounding.tokens import IGNORE_INDEX, SEG, count_seg
+from ..grounding.tokens import BBOX, IGNORE_INDEX, SEG, count_seg
 from ..io import InputError
 
 # Question and answer wordings for referring segmentation (several, so the model does not learn one phrasing).
@@ -51,7 +51,9 @@ CAPTION_QUESTIONS = ("Describe the image and ground each object.",
                      "Please give a grounded caption of this image.")
 BOX_SUFFIX = " Answer with a box."
 OBJECTS_QUESTIONS = ("Segment every shape.", "Segment all the shapes in this image.", "What shapes are there?")
-SHAPES_TASKS = ("refer", "multi", "objects", "caption", "box")
+SHAPES_TASKS = ("refer", "multi", "objects", "caption", "box", "gcg", "regcap")
+# GLaMM tasks (models with a region encoder): "gcg" asks GLaMM's standard grounded-caption question and answers
+# with "<p> phrase </p> [SEG]" per object; "regcap" asks about a <bbox> region and answers its description.
 
 
 @dataclass
@@ -68,11 +70,17 @@ class TrainSample:
     # of each mask's object. Only the shapes world has them.
     attribute_map: np.ndarray | None = None
     mask_attributes: np.ndarray | None = None
+    # Region prompts (GLaMM): per conversation, (n, 4) pixel xyxy boxes, one per <bbox> of its question, in order.
+    boxes: list[np.ndarray] | None = None
 
     def __post_init__(self):
         n = sum(count_seg(a) for _, a in self.conversations)
         if n != len(self.masks):
             raise ValueError(f"sample ({self.task}) has {n} [SEG] in its answers but {len(self.masks)} masks")
+        for k, (q, _) in enumerate(self.conversations):
+            given = 0 if self.boxes is None else len(self.boxes[k])
+            if q.count(BBOX) != given:
+                raise ValueError(f"sample ({self.task}) conversation {k} has {q.count(BBOX)} <bbox> but {given} boxes")
 
 
 class Source(Protocol):
@@ -211,6 +219,24 @@ class ShapesSource:
         return self._sample(item, [(_choose(rng, CAPTION_QUESTIONS), item.caption + ".")],
                             list(item.caption_targets), "caption")
 
+    def _gcg(self, item, rng) -> TrainSample | None:
+        from ..config import GLAMM_GCG_PROMPT
+
+        if not item.caption_targets:
+            return None
+        # GLaMM's target form: "<p> phrase </p> [SEG]" with spaces inside the tags.
+        answer = item.caption.replace("<p>", "<p> ").replace("</p>", " </p>") + "."
+        return self._sample(item, [(GLAMM_GCG_PROMPT, answer)], list(item.caption_targets), "gcg")
+
+    def _regcap(self, item, rng) -> TrainSample | None:
+        if not item.region_questions:
+            return None
+        picks = rng.permutation(len(item.region_questions))[: self.max_expressions]
+        qs = [item.region_questions[int(j)] for j in picks]
+        amap, mattr = attribute_labels(item, [])
+        return TrainSample(item.image, [(q.question, q.answer) for q in qs], self._masks(item, []), "regcap", amap,
+                           mattr, boxes=[np.asarray([q.box], np.float32) for q in qs])
+
     def _box(self, item, rng) -> TrainSample | None:
         if not item.box_answers:
             return None
@@ -309,13 +335,14 @@ class Collator:
     def encode(self, question: str, answer: str) -> tuple[list[int], list[int]]:
         """One conversation -> (ids, labels). The prompt is tokenised exactly as at inference (an open assistant
         turn) and the answer is appended after it, so training and generation see the same prefix ids."""
-        prefix = self.conversation.prompt([(image_question(question, self.config.use_im_start_end), None)])
+        template = getattr(self.config, "image_prefix", "{image}\n")  # GLaMM's first-turn wording
+        prefix = self.conversation.prompt([(image_question(question, self.config.use_im_start_end, template), None)])
         prompt_ids = self.prompt_tokenizer(prefix)
         answer_ids = self.prompt_tokenizer.encode_chunk(" " + answer) + [self.eos_id]
         return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
     def __call__(self, samples: list[TrainSample]) -> LisaBatch:
-        ids, labels, offset = [], [], [0]
+        ids, labels, offset, region_boxes = [], [], [0], []
         clip, sam, in_sizes, orig_sizes, gts = [], [], [], [], []
         for s in samples:
             prep = prepare_image(s.image, self.config)
@@ -324,10 +351,15 @@ class Collator:
             in_sizes.append(prep.input_size)
             orig_sizes.append(prep.original_size)
             gts.append(torch.from_numpy(np.asarray(s.masks, dtype=np.float32)))
-            for q, a in s.conversations:
+            h, w = prep.original_size
+            for k, (q, a) in enumerate(s.conversations):
                 i, lab = self.encode(q, a)
                 ids.append(i)
                 labels.append(lab)
+                boxes = s.boxes[k] if s.boxes is not None else None
+                region_boxes.append(None if boxes is None or not len(boxes) else
+                                    torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+                                    / torch.tensor([w, h, w, h], dtype=torch.float32))
             offset.append(len(ids))
         length = max(len(i) for i in ids)
         input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
@@ -337,7 +369,8 @@ class Collator:
             label_t[r, :len(lab)] = torch.tensor(lab)
         batch = LisaBatch(input_ids=input_ids, labels=label_t, clip_pixel_values=torch.stack(clip),
                           sam_pixel_values=torch.stack(sam), offset=torch.tensor(offset),
-                          input_sizes=in_sizes, original_sizes=orig_sizes, gt_masks=gts)
+                          input_sizes=in_sizes, original_sizes=orig_sizes, gt_masks=gts,
+                          region_boxes=region_boxes if any(b is not None for b in region_boxes) else None)
         if all(s.attribute_map is not None for s in samples):
             grid = 4 * self.config.sam.embedding_size  # SAM's low-resolution mask grid
             batch.attribute_maps = torch.stack([

@@ -103,6 +103,13 @@ RECIPES: dict[str, dict[str, Any]] = {
                         steps=4500, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
                         warmup_steps=100, clip_grad=1.0, ce_weight=0.01, attribute_weight=1.0, save_every=250,
                         log_every=10, num_workers=0, out="runs/shapes-demo"),
+    # GLaMM on the shapes world (grounded captions, region captions, referring): shapes-demo's recipe with the
+    # GLaMM tasks mixed in. Not yet trained to completion (see README); the numbers go there when it is.
+    "glamm-shapes": dict(model="glamm-shapes", from_scratch=True, dataset="shapes", lora=False, train_all=True,
+                         shapes_tasks={"refer": 4, "objects": 2, "gcg": 3, "regcap": 3}, shapes_max_expressions=3,
+                         steps=4500, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
+                         warmup_steps=100, clip_grad=1.0, ce_weight=0.01, attribute_weight=1.0, save_every=250,
+                         log_every=10, num_workers=0, out="runs/glamm-shapes"),
 }
 
 
@@ -118,7 +125,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float = 0.0):
 
 def build_for_training(cfg: TrainConfig):
     """The model a run starts from, adapters added and trainable set marked."""
-    from ..hub import build_model, load_model, load_tokenizer, ASSETS
+    from ..hub import build_model, load_model, load_tokenizer, preset_tokenizer_dir
     from ..config import PRESETS, preset_config
 
     torch.manual_seed(cfg.seed)
@@ -126,7 +133,7 @@ def build_for_training(cfg: TrainConfig):
         if cfg.model not in PRESETS:
             raise InputError(f"--from-scratch needs a preset, got {cfg.model!r}")
         pc = preset_config(cfg.model)
-        tok_dir = ASSETS / cfg.model
+        tok_dir = preset_tokenizer_dir(cfg.model)
         if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
             raise InputError(f"preset {cfg.model!r} ships no tokenizer in {tok_dir}")
         model = build_model(pc, load_tokenizer(tok_dir))
