@@ -236,3 +236,15 @@ def test_regcap_file_errors(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(data))
     with pytest.raises(InputError, match=r"annotations\[0\]\['bbox'\] = \[1, 2, 0, 4\]: expected \[x, y, w, h\]"):
         load_regcap(tmp_path / "r.json")
+
+
+def test_caption_metrics_unavailable_is_reported_not_raised(monkeypatch):
+    """Without Java (or pycocoevalcap) the GCG report says why METEOR/CIDEr are missing instead of failing."""
+    pytest.importorskip("pycocoevalcap")
+    import groundseg.eval.captions as captions
+    from groundseg.eval.gcg import _caption_report
+
+    monkeypatch.setattr(captions.shutil, "which", lambda name: None)
+    rep = _caption_report({1: ["a dog"]}, {1: "a dog"})
+    assert rep["METEOR"] is None and rep["CIDEr"] is None
+    assert "need Java on the PATH" in rep["caption_metrics_error"]
