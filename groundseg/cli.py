@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="write DIR/predictions.jsonl (as it goes), DIR/report.json and DIR/iou_hist.png")
     e.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     e.add_argument("--predictions", default=None, metavar="FILE",
-                   help="score this file (JSONL or JSON list of {sent_id, segmentation: RLE}) without a model")
+                   help="score this file (JSONL or JSON list of {sent_id, segmentation: RLE}; rec: {sent_id, box: "
+                        "[x1, y1, x2, y2] pixels or null}) without a model")
     e.add_argument("--text-encoder", default=None, metavar="DIR",
                    help="gcg: local transformers text encoder for mask recall's phrase similarity (officially "
                         "bert-base-uncased); without it recall is not computed")
@@ -296,8 +297,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.predictions:
         if args.model or args.resume or args.protocol or args.mode:
             raise InputError("--predictions scores a file without a model: drop --model, --protocol and --resume")
-        if task == "rec":
-            raise InputError("--predictions: only segmentation (refer, reasonseg) predictions can be scored")
         report = _score_predictions(task, args)
     else:
         from .hub import default_model, load_model
@@ -327,6 +326,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if task == "rec":
         print(format_table(report.metrics, columns=("Acc@0.5", "mIoU", "n")))
+        if report.report.get("missing"):
+            print(f"{report.report['missing']} of {report.report['num_expressions']} sentences had no box "
+                  "(scored as IoU 0)")
     else:
         print(format_table(report.metrics))
         if report.report.get("missing"):
@@ -398,11 +400,12 @@ def _launched_device():
 
 
 def _score_predictions(task: str, args: argparse.Namespace):
-    if task == "refer":
-        from .eval.refer import score_refer_predictions
+    if task in ("refer", "rec"):
+        from .eval.refer import score_box_predictions, score_refer_predictions
 
-        return score_refer_predictions(args.predictions, args.data_root, args.dataset, args.split_by, args.split,
-                                       limit=args.limit, out=args.out)
+        score = score_refer_predictions if task == "refer" else score_box_predictions
+        return score(args.predictions, args.data_root, args.dataset, args.split_by, args.split, limit=args.limit,
+                     out=args.out)
     from .eval.reasonseg import score_reasonseg_predictions
 
     return score_reasonseg_predictions(args.predictions, args.data_root, args.split, limit=args.limit, out=args.out)

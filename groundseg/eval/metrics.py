@@ -5,7 +5,8 @@
   scores 1 (LISA's ``iou[union == 0] += 1``; per expression, not per image).
 * Prec@X: the fraction of expressions with IoU >= X (X in 0.5 ... 0.9), as LAVT's ``test.py`` counts it (LISA
   reports no Prec@X).
-* box Acc@0.5: the fraction of predicted boxes with IoU >= 0.5 against the ground-truth box.
+* box Acc@0.5: the fraction of predicted boxes with IoU >= 0.5 against the ground-truth box
+  (:class:`BoxMeter`, which also gives the mean box IoU).
 
 Pixels marked ``ignore`` (ReasonSeg's 255) count in neither intersection nor union.
 
@@ -88,6 +89,36 @@ class IoUMeter:
                 row[f"Prec@{t}"] = sum(v >= t for v in ious) / n if n else float("nan")
             row["n"] = int(len(ious))
             out[g] = row
+        return out
+
+
+@dataclass
+class BoxMeter:
+    """Accumulates box Acc@0.5 (IoU >= 0.5) and mean IoU over expressions, overall and per group (e.g. expression
+    kind); a missing prediction (None) scores IoU 0."""
+
+    ious: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, pred, gt, group: str | None = None) -> float:
+        """Add one expression (xyxy boxes; ``pred`` None when there is no box); returns its IoU."""
+        iou = box_iou(pred, gt) if pred is not None else 0.0
+        for g in ("all",) + ((group,) if group else ()):
+            self.ious.setdefault(g, []).append(iou)
+        return iou
+
+    def merge(self, other: "BoxMeter") -> None:
+        """Add every expression of ``other`` (e.g. another process's shard)."""
+        for g, ious in other.ious.items():
+            self.ious.setdefault(g, []).extend(ious)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """{group: {"Acc@0.5", "mIoU", "n"}}, "all" first (NaN metrics for a group without expressions)."""
+        out = {}
+        for g in ["all"] + sorted(k for k in self.ious if k != "all"):
+            ious = self.ious.get(g, [])
+            n = len(ious)
+            out[g] = {"Acc@0.5": sum(v >= 0.5 for v in ious) / n if n else float("nan"),
+                      "mIoU": math.fsum(ious) / n if n else float("nan"), "n": n}
         return out
 
 

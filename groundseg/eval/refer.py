@@ -8,9 +8,11 @@ scored on the union of the predicted masks. With ``out`` the run writes ``predic
 ``iou_hist.png`` (:mod:`groundseg.eval.report`) and can be resumed. :func:`score_refer_predictions` scores a
 predictions file without a model.
 
-Boxes (:func:`evaluate_boxes`, ``groundseg eval rec``): the question ``"Where is {sentence}? Answer with a box."`` is
-generated and the first ``<box>`` of the answer is compared with the ground-truth box of the referred object
-(Acc@0.5).
+Boxes (:func:`evaluate_boxes`, ``groundseg eval rec``): for each single-target sentence the question
+``"Where is {sentence}? Answer with a box."`` is generated and the first ``<box>`` of the answer is compared with the
+ground-truth box of the referred object, the annotation's COCO ``bbox`` (the REC protocol; the mask's extent only
+for an annotation without one): Acc@0.5 (IoU >= 0.5) and mean IoU. The run shards, logs, resumes and reports like a
+segmentation run; :func:`score_box_predictions` scores a file of boxes without a model.
 """
 
 from __future__ import annotations
@@ -25,18 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import InputError, load_image, mask_to_bbox, save_json
-from .metrics import box_iou
-from .report import (build_report, dist_info, save_iou_histogram, split_count_warning, start_run,
-                     write_outputs)
-from .runner import (MULTI_QUESTION, Clock, Expression, check_unique, protocol_name, run_and_report,
-                     score_predictions)
+from ..io import InputError, mask_to_bbox
+from .metrics import BoxMeter
+from .report import build_report, dist_info, split_count_warning, write_outputs
+from .runner import (MULTI_QUESTION, Clock, Expression, _record, check_unique, match_predictions, protocol_name,
+                     run_and_report, run_groups, score_predictions)
 
 SEG_QUESTION = "What is {} in this image? Please output segmentation mask."
 BOX_QUESTION = "Where is {}? Answer with a box."
 
 __all__ = ["SEG_QUESTION", "MULTI_QUESTION", "BOX_QUESTION", "ReferReport", "evaluate_refer",
-           "score_refer_predictions", "evaluate_boxes"]
+           "score_refer_predictions", "evaluate_boxes", "score_box_predictions"]
 
 
 @dataclass
@@ -86,10 +87,10 @@ def _default_images(data_root: Path, file_name: str) -> Path:
     return base
 
 
-def _expressions(by_image: dict, images: Path) -> list[list[Expression]]:
+def _expressions(by_image: dict, images: Path, question: str = SEG_QUESTION) -> list[list[Expression]]:
     """One :class:`Expression` per sentence, grouped by image; the text is LISA's ``sent.strip().lower()``."""
     return [[Expression(sent_id=s.sent_id, image_id=s.image_id, ref_id=s.ref_id, text=s.sentence.strip().lower(),
-                        kind=s.kind, question=SEG_QUESTION, image=images / s.file_name, multi=len(s.ann_ids) != 1)
+                        kind=s.kind, question=question, image=images / s.file_name, multi=len(s.ann_ids) != 1)
              for s in group] for group in by_image.values()]
 
 
@@ -178,13 +179,18 @@ def score_refer_predictions(predictions: str, data_root: str, dataset: str | Non
     report = build_report(meter, dataset=name, split_by=split_by, split=split, model=None,
                           protocol="predictions", num_images=len(groups), seconds=clock(), warnings=warnings,
                           predictions=str(predictions), missing=missing)
+    _write_scored(out, report, meter)
+    return ReferReport(name, split, "predictions", meter.summary(), records, report)
+
+
+def _write_scored(out: str | None, report: dict[str, Any], meter) -> None:
+    """A scored predictions file's ``report.json`` and ``iou_hist.png`` in ``out`` (when given)."""
     if out:
         outdir = Path(out)
         if outdir.exists() and not outdir.is_dir():
             raise InputError(f"--out {outdir}: exists and is not a folder")
         outdir.mkdir(parents=True, exist_ok=True)
         write_outputs(outdir, report, meter.ious.get("all", []))
-    return ReferReport(name, split, "predictions", meter.summary(), records, report)
 
 
 @torch.no_grad()
@@ -196,87 +202,143 @@ def evaluate_boxes(model, data_root: str, dataset: str | None = None, split_by: 
 
     With ``out``, ``predictions.jsonl`` gets ``sent_id``, ``ref_id``, ``image_id``, ``box`` (xyxy pixels, null
     when the answer holds none) and ``iou`` per sentence, and ``report.json`` the metrics (``accuracy@0.5``,
-    ``mIoU``, counts, ``by_kind``); ``resume`` continues such a run.
+    ``mIoU``, ``num_expressions``, ``num_images``, ``by_kind``, ...); ``resume`` continues such a run. Under
+    ``accelerate launch`` the images are shared out among the processes as in :func:`evaluate_refer`.
     """
-    from tqdm import tqdm
-
-    from ..grounding.tokens import parse_boxes
-
     clock = Clock()
     batch_size = batch_size or chunk
     if batch_size < 1:
         raise InputError(f"batch size {batch_size}: expected at least 1")
     if resume and not out:
         raise InputError("--resume needs --out, the folder of the run to continue")
-    if dist_info()[1] > 1:
-        raise InputError("box grounding runs in one process; launch it without accelerate")
     name = dataset or Path(data_root).name
     refer, images, by_image, samples = _load_split(data_root, dataset, split_by, split, image_dir, limit,
                                                    single_only=True)
+    groups = _expressions(by_image, images, BOX_QUESTION)
     split_by = _split_by(refer, split_by)
-    log = None
+    warnings = _warnings(name, split_by, refer, split, len(samples), limit)
     if out:
-        check_unique(_expressions(by_image, images), refer.source)
-        run = {"task": "rec", "dataset": name, "split_by": split_by, "split": split, "protocol": "generate",
-               "model": model_name, "limit": limit}
-        out, log = start_run(out, run, resume)
-    done = log.done if log is not None else {}
-    hits: dict[str, list[float]] = {}
-    records = []
+        check_unique(groups, refer.source)
+    run = {"task": "rec", "dataset": name, "split_by": split_by, "split": split, "protocol": "generate",
+           "model": model_name, "limit": limit}
+    meter, records, report = run_and_report(model, groups, _box_truth(refer), "generate", batch_size, out, run,
+                                            resume, progress, f"eval rec {name} {split}", clock, loop=_run_boxes,
+                                            build=_box_report, dataset=name, split_by=split_by, split=split,
+                                            model=model_name, warnings=warnings)
+    return ReferReport(name, split, "box", meter.summary(), records, report)
 
-    def score(s, box) -> float:
-        iou = box_iou(box, _xyxy(refer.ann_mask(s.ann_ids[0]))) if box is not None else 0.0
-        for g in ("all",) + ((s.kind,) if s.kind else ()):
-            hits.setdefault(g, []).append(iou)
-        return iou
 
-    bar = tqdm(total=sum(len(g) for g in by_image.values()), unit="expr", desc=f"eval rec {name} {split}",
-               disable=not progress)
-    try:
-        for group in by_image.values():
-            for s in group:
-                if s.sent_id in done:
-                    box = done[s.sent_id].get("box")
-                    records.append({"image_id": s.image_id, "sentence": s.sentence, "kind": s.kind,
-                                    "answer": None, "iou": score(s, box)})
-                    bar.update(1)
-            todo = [s for s in group if s.sent_id not in done]
-            if not todo:
-                continue
-            rgb = load_image(images / todo[0].file_name)
-            h, w = rgb.shape[:2]
-            for i in range(0, len(todo), batch_size):
-                part = todo[i:i + batch_size]
-                results = model.segment(rgb, [BOX_QUESTION.format(s.sentence) for s in part], max_new_tokens=48)
-                for s, res in zip(part, results):
-                    boxes = parse_boxes(res.text, (h, w))
-                    box = [float(v) for v in boxes[0].box] if boxes else None
-                    iou = score(s, box)
-                    records.append({"image_id": s.image_id, "sentence": s.sentence, "kind": s.kind,
-                                    "answer": res.text, "iou": iou})
-                    if log is not None:
-                        log.write({"sent_id": s.sent_id, "ref_id": s.ref_id, "image_id": s.image_id, "box": box,
-                                   "iou": iou})
-                    bar.update(1)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    metrics = {g: {"Acc@0.5": sum(v >= 0.5 for v in vals) / len(vals), "mIoU": math.fsum(vals) / len(vals),
-                   "n": len(vals)}
-               for g, vals in sorted(hits.items(), key=lambda kv: (kv[0] != "all", kv[0]))}
+def score_box_predictions(predictions: str, data_root: str, dataset: str | None = None,
+                          split_by: str | None = None, split: str = "val", limit: int | None = None,
+                          out: str | None = None) -> ReferReport:
+    """Score a file of boxes (JSONL, or a JSON list, of ``{"sent_id", "box": [x1, y1, x2, y2]}`` in pixels) on the
+    single-target sentences of ``split`` without a model. A sentence absent from the file, or whose ``box`` is null
+    or absent, has no box: IoU 0, counted in ``report["missing"]``. An unknown or repeated sent_id, or a box that is
+    not four finite numbers with x1 <= x2, y1 <= y2 inside the image, is an :class:`InputError` naming the line."""
+    clock = Clock()
+    name = dataset or Path(data_root).name
+    refer, images, by_image, samples = _load_split(data_root, dataset, split_by, split, None, limit,
+                                                   single_only=True, need_images=False)
+    groups = _expressions(by_image, images, BOX_QUESTION)
+    check_unique(groups, refer.source)
+    split_by = _split_by(refer, split_by)
+    warnings = _warnings(name, split_by, refer, split, len(samples), limit)
+    truth = _box_truth(refer)
+    given = match_predictions(predictions, groups,
+                              lambda e, entry, loc: _pred_box(entry.get("box"), truth(e)[1], loc),
+                              frozenset(s.sent_id for s in refer.sentences(split)), f"{name} {split}",
+                              keys=("sent_id",))
+    meter, records, missing = BoxMeter(), [], 0
+    for e in (e for group in groups for e in group):
+        box = given.get(e.sent_id)
+        missing += box is None
+        records.append(_record(e, meter.add(box, truth(e)[0], e.kind)))
+    report = _box_report(meter, dataset=name, split_by=split_by, split=split, model=None, protocol="predictions",
+                         num_images=len(groups), seconds=clock(), warnings=warnings, predictions=str(predictions),
+                         missing=missing)
+    _write_scored(out, report, meter)
+    return ReferReport(name, split, "predictions", meter.summary(), records, report)
 
-    def row(m: dict) -> dict:
-        return {"accuracy@0.5": m["Acc@0.5"], "mIoU": m["mIoU"], "num_expressions": m["n"]}
 
-    report = {**row(metrics["all"]), "dataset": name, "split_by": split_by, "split": split, "model": model_name,
-              "protocol": "generate", "num_images": len(by_image), "seconds": clock(),
-              "by_kind": {g: row(m) for g, m in metrics.items() if g != "all"}}
-    if out:
-        report["resumed_expressions"] = len(done)
-        save_json(out / "report.json", report)
-        save_iou_histogram(out / "iou_hist.png", hits["all"], title=f"{name} {split} boxes: {len(hits['all'])}")
-    return ReferReport(name, split, "box", metrics, records, report)
+def _run_boxes(model, groups: list[list[Expression]], truth, protocol: str, batch_size: int, log=None,
+               progress: bool = True, desc: str = "eval") -> tuple[BoxMeter, list[dict]]:
+    """:func:`groundseg.eval.runner.run_masks` for boxes (the ``loop`` of ``run_and_report``): each question is
+    generated (``protocol`` is always ``"generate"``) and the first ``<box>`` of the answer is the prediction;
+    logged predictions are scored from their ``box``."""
+    from ..grounding.tokens import parse_boxes
+
+    meter = BoxMeter()
+
+    def logged(e: Expression, rec: dict) -> float:
+        gt, size = truth(e)
+        return meter.add(_pred_box(rec.get("box"), size, f"{log.path} sent_id {e.sent_id}"), gt, e.kind)
+
+    def fresh(rgb: np.ndarray, todo: list[Expression]):
+        h, w = rgb.shape[:2]
+        for i in range(0, len(todo), batch_size):
+            part = todo[i:i + batch_size]
+            results = model.segment(rgb, [e.question.format(e.text) for e in part], max_new_tokens=48)
+            for e, res in zip(part, results):
+                boxes = parse_boxes(res.text, (h, w))
+                box = [float(v) for v in boxes[0].box] if boxes else None
+                yield e, meter.add(box, truth(e)[0], e.kind), {"box": box}
+
+    return run_groups(groups, meter, logged, fresh, log, progress, desc)
+
+
+def _box_report(meter: BoxMeter, **info: Any) -> dict[str, Any]:
+    """``report.json`` of a box run: ``accuracy@0.5``, ``mIoU``, ``num_expressions``, then ``info``, then the same
+    metrics per kind under ``by_kind`` (the layout of :func:`groundseg.eval.report.build_report`)."""
+    def row(m: dict) -> dict[str, Any]:
+        out = {"accuracy@0.5": m["Acc@0.5"], "mIoU": m["mIoU"], "num_expressions": m["n"]}
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in out.items()}  # NaN is not JSON
+
+    summary = meter.summary()
+    return {**row(summary["all"]), **info, "by_kind": {g: row(m) for g, m in summary.items() if g != "all"}}
+
+
+def _box_truth(refer):
+    """expression -> (ground-truth xyxy box, (image height, image width)), for single-target refs."""
+    @lru_cache(maxsize=4096)
+    def truth(ref_id: int) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+        ref = refer.refs_by_id[ref_id]
+        image = refer.image_of(ref)
+        return _ann_box(refer, refer.ann_ids(ref)[0]), (int(image["height"]), int(image["width"]))
+
+    return lambda e: truth(e.ref_id)
+
+
+def _ann_box(refer, ann_id: int) -> tuple[float, float, float, float]:
+    """An annotation's COCO ``bbox`` ``[x, y, w, h]`` as xyxy; its mask's extent when it has no ``bbox``."""
+    bbox = refer.anns.get(ann_id, {}).get("bbox")
+    if bbox is None:
+        return _xyxy(refer.ann_mask(ann_id))  # (names an absent annotation)
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_finite(v) for v in bbox)
+            and bbox[2] >= 0 and bbox[3] >= 0):
+        raise InputError(f"{refer.source}: annotation {ann_id} has bbox {bbox!r}: expected [x, y, w, h] "
+                         "with w, h >= 0")
+    x, y, w, h = map(float, bbox)
+    return x, y, x + w, y + h
+
+
+def _pred_box(box: Any, size: tuple[int, int], where: str) -> list[float] | None:
+    """A predicted or logged box checked as pixel xyxy inside an image of ``size`` (H, W); None stays None."""
+    if box is None:
+        return None
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_finite(v) for v in box)):
+        raise InputError(f"{where}: box {box!r}: expected [x1, y1, x2, y2] (four numbers, pixels) or null")
+    x1, y1, x2, y2 = map(float, box)
+    if x1 > x2 or y1 > y2:
+        raise InputError(f"{where}: box {box!r}: expected x1 <= x2 and y1 <= y2 (corners, not [x, y, w, h])")
+    h, w = size
+    if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+        raise InputError(f"{where}: box {box!r} lies outside the image ({w}x{h} pixels): expected pixel "
+                         "coordinates")
+    return [x1, y1, x2, y2]
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _xyxy(mask: np.ndarray) -> tuple[float, float, float, float]:

@@ -103,21 +103,47 @@ def _generated_masks(model, rgb: np.ndarray, questions: list[str]) -> list[np.nd
 def run_masks(model, groups: list[list[Expression]], ground_truth: GroundTruth, protocol: str = "teacher-forced",
               batch_size: int = 16, log: PredictionLog | None = None, progress: bool = True,
               desc: str = "eval") -> tuple[IoUMeter, list[dict]]:
-    """Predict and score every expression of ``groups`` (one list per image).
+    """Predict and score every expression of ``groups`` (one list per image), through :func:`run_groups`.
 
     Expressions already in ``log.done`` (an interrupted run) are scored from their logged RLE instead of being
     predicted again; each new one is appended to ``log``. Returns the meter and one record per expression
     (``sent_id``, ``image_id``, ``ref_id``, ``sentence``, ``kind``, ``iou``), in split order.
+    """
+    meter = IoUMeter()
+
+    def logged(e: Expression, rec: dict) -> float:
+        gt, ignore = ground_truth(e)
+        pred = record_mask(rec.get("segmentation"), gt.shape, f"{log.path} sent_id {e.sent_id}")
+        return meter.add(pred, gt, e.kind, ignore)
+
+    def fresh(rgb: np.ndarray, todo: list[Expression]) -> Iterator[tuple[Expression, float, dict]]:
+        for e, pred in predict(model, rgb, todo, protocol, batch_size):
+            gt, ignore = ground_truth(e)
+            yield e, meter.add(pred, gt, e.kind, ignore), {"segmentation": mask_to_rle(pred)}
+
+    return run_groups(groups, meter, logged, fresh, log, progress, desc)
+
+
+def run_groups(groups: list[list[Expression]], meter: Any, logged: Callable[[Expression, dict], float],
+               fresh: Callable[[np.ndarray, list[Expression]], Iterator[tuple[Expression, float, dict]]],
+               log: PredictionLog | None = None, progress: bool = True, desc: str = "eval"
+               ) -> tuple[Any, list[dict]]:
+    """The loop of every benchmark with a prediction log: for each image of ``groups``, expressions already in
+    ``log.done`` are scored by ``logged(expression, logged record)`` (which adds them to ``meter`` and returns the
+    IoU); the others go to ``fresh(image, expressions)``, which predicts, adds to ``meter`` and yields (expression,
+    IoU, the prediction's log fields). Each new prediction is appended to ``log``. Returns ``meter`` and one record
+    per expression (``sent_id``, ``image_id``, ``ref_id``, ``sentence``, ``kind``, ``iou``), in split order.
 
     Under ``accelerate launch`` (an initialised ``torch.distributed`` group of N processes) process r takes the
-    images ``r, r + N, ...``, all of them append to the one log, and the meters and records are gathered, so every
-    process returns what a single process would (the metrics' sums are order-free).
+    images ``r, r + N, ...``, all of them append to the one log, and the meters (any class with a no-argument
+    constructor and ``merge``) and records are gathered, so every process returns what a single process would (the
+    metrics' sums are order-free).
     """
     from tqdm import tqdm
 
     rank, world = dist_info()
     mine = groups[rank::world]
-    meter, records = IoUMeter(), {}
+    records: dict[Any, dict] = {}
     done = log.done if log is not None else {}
     bar = tqdm(total=sum(len(g) for g in mine), unit="expr", disable=not progress or rank != 0, smoothing=0.1,
                desc=desc if world == 1 else f"{desc} [process 0 of {world}]")
@@ -128,20 +154,15 @@ def run_masks(model, groups: list[list[Expression]], ground_truth: GroundTruth, 
                 if e.sent_id not in done:
                     todo.append(e)
                     continue
-                gt, ignore = ground_truth(e)
-                pred = record_mask(done[e.sent_id].get("segmentation"), gt.shape, f"{log.path} sent_id {e.sent_id}")
-                records[e.sent_id] = _record(e, meter.add(pred, gt, e.kind, ignore))
+                records[e.sent_id] = _record(e, logged(e, done[e.sent_id]))
                 bar.update(1)
             if not todo:
                 continue
-            rgb = load_image(todo[0].image)
-            for e, pred in predict(model, rgb, todo, protocol, batch_size):
-                gt, ignore = ground_truth(e)
-                iou = meter.add(pred, gt, e.kind, ignore)
+            for e, iou, fields in fresh(load_image(todo[0].image), todo):
                 records[e.sent_id] = _record(e, iou)
                 if log is not None:
-                    log.write({"sent_id": e.sent_id, "ref_id": e.ref_id, "image_id": e.image_id,
-                               "segmentation": mask_to_rle(pred), "iou": iou})
+                    log.write({"sent_id": e.sent_id, "ref_id": e.ref_id, "image_id": e.image_id, **fields,
+                               "iou": iou})
                 bar.update(1)
     finally:
         bar.close()
@@ -150,13 +171,13 @@ def run_masks(model, groups: list[list[Expression]], ground_truth: GroundTruth, 
     return meter, [records[e.sent_id] for g in groups for e in g]
 
 
-def _gather(meter: IoUMeter, records: dict, world: int) -> tuple[IoUMeter, dict]:
+def _gather(meter: Any, records: dict, world: int) -> tuple[Any, dict]:
     """Every process's meter and records, merged in process order."""
     import torch.distributed as dist
 
     parts: list = [None] * world
     dist.all_gather_object(parts, (meter, records))
-    merged, all_records = IoUMeter(), {}
+    merged, all_records = type(meter)(), {}
     for m, r in parts:
         merged.merge(m)
         all_records.update(r)
@@ -182,8 +203,10 @@ def record_mask(rle: Any, shape: tuple[int, int], where: str) -> np.ndarray:
     return mask
 
 
-def read_predictions(path: str | Path) -> list[tuple[str, dict]]:
-    """(location, entry) for each prediction of a JSONL file or a JSON list; InputError names a bad line."""
+def read_predictions(path: str | Path, keys: tuple[str, ...] = ("sent_id", "segmentation")
+                     ) -> list[tuple[str, dict]]:
+    """(location, entry) for each prediction of a JSONL file or a JSON list, each an object with ``keys``;
+    InputError names a bad line."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--predictions {path}: file not found")
@@ -206,9 +229,32 @@ def read_predictions(path: str | Path) -> list[tuple[str, dict]]:
                 except json.JSONDecodeError as exc:
                     raise InputError(f"{path} line {n} is not valid JSON ({exc.msg})") from None
     for where, e in items:
-        if not isinstance(e, dict) or "sent_id" not in e or "segmentation" not in e:
-            raise InputError(f"{where}: expected an object with 'sent_id' and 'segmentation'")
+        if not isinstance(e, dict) or any(k not in e for k in keys):
+            raise InputError(f"{where}: expected an object with {' and '.join(map(repr, keys))}")
     return items
+
+
+def match_predictions(path: str | Path, groups: list[list[Expression]],
+                      decode: Callable[[Expression, dict, str], Any], split_names: frozenset = frozenset(), where: str = "the split",
+                      keys: tuple[str, ...] = ("sent_id", "segmentation")) -> dict[Any, Any]:
+    """{sent_id: decode(expression, entry, location)} for the entries of a predictions file (see
+    :func:`read_predictions`) that name an expression of ``groups``; ``split_names`` are further sent_ids that are
+    ignored (mapped to None). InputError, naming the line, for an unknown or repeated ``sent_id``."""
+    exprs = {e.sent_id: e for g in groups for e in g}
+    given: dict[Any, Any] = {}
+    for loc, entry in read_predictions(path, keys):
+        key = entry["sent_id"]
+        if isinstance(key, (list, dict)):
+            raise InputError(f"{loc}: sent_id {key!r}: expected a sentence id of {where}")
+        if key in given:
+            raise InputError(f"{loc}: sent_id {key!r} appears twice")
+        if key not in exprs:
+            if key in split_names:
+                given[key] = None
+                continue
+            raise InputError(f"{loc}: sent_id {key!r} is not a sentence of {where}")
+        given[key] = decode(exprs[key], entry, loc)
+    return given
 
 
 def score_predictions(path: str | Path, groups: list[list[Expression]], ground_truth: GroundTruth,
@@ -220,19 +266,9 @@ def score_predictions(path: str | Path, groups: list[list[Expression]], ground_t
     missing). Raises InputError, naming the line, for an unknown or repeated ``sent_id``, a malformed RLE or a mask
     whose size differs from its image. ``split_names`` are further sent_ids that are ignored (sentences of the split
     beyond ``--limit``)."""
-    exprs = {e.sent_id: e for g in groups for e in g}
-    given: dict[Any, np.ndarray] = {}
-    for loc, entry in read_predictions(path):
-        key = entry["sent_id"]
-        if key in given:
-            raise InputError(f"{loc}: sent_id {key!r} appears twice")
-        if key not in exprs:
-            if key in split_names:
-                given[key] = None
-                continue
-            raise InputError(f"{loc}: sent_id {key!r} is not a sentence of {where}")
-        gt, _ = ground_truth(exprs[key])
-        given[key] = record_mask(entry["segmentation"], gt.shape, loc)
+    given = match_predictions(path, groups, lambda e, entry, loc: record_mask(entry["segmentation"],
+                                                                              ground_truth(e)[0].shape, loc),
+                              split_names, where)
     meter, records, missing = IoUMeter(), [], 0
     for group in groups:
         for e in group:
@@ -257,19 +293,24 @@ class Clock:
 
 def run_and_report(net, groups: list[list[Expression]], ground_truth: GroundTruth, protocol: str, batch_size: int,
                    out: str | None, run: dict[str, Any], resume: bool, progress: bool, desc: str, clock: "Clock",
+                   *, loop: Callable | None = None, build: Callable = build_report,
                    **info: Any) -> tuple[IoUMeter, list[dict[str, Any]], dict[str, Any]]:
     """The run shared by every mask benchmark, with the model ``net``: open (or resume) ``out``'s prediction log, predict and score every
     expression, build the report (``info`` are its extra keys) and, on the main process, write it with the IoU
-    histogram. Returns (meter, records, report)."""
+    histogram. Returns (meter, records, report).
+
+    ``loop`` (:func:`run_masks` by default; same arguments) predicts and scores, ``build`` (:func:`build_report`)
+    makes the report from its meter: box grounding passes its own pair."""
     log = None
     if out:
         out, log = start_run(out, run, resume)
     try:
-        meter, records = run_masks(net, groups, ground_truth, protocol, batch_size, log, progress, desc=desc)
+        meter, records = (loop or run_masks)(net, groups, ground_truth, protocol, batch_size, log, progress,
+                                             desc=desc)
     finally:
         if log is not None:
             log.close()
-    report = build_report(meter, protocol=protocol, num_images=len(groups), seconds=clock(), **info)
+    report = build(meter, protocol=protocol, num_images=len(groups), seconds=clock(), **info)
     if out:
         report["resumed_expressions"] = len(log.done)
         if dist_info()[0] == 0:
