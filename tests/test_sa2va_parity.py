@@ -165,22 +165,33 @@ def test_video_memory_intermediates(model, fixture):
     close(torch.cat([o.ious for o in outs]), out["video_sam_ious"])
 
 
-def _train_batch(model, inp):
-    from groundseg.config import IMAGENET_MEAN, IMAGENET_STD
-    from groundseg.grounding.sa2va import Sa2VABatch
+def _train_batch(model, fixture):
+    """The fixture's training batch built by our collator from the same turns, frames and masks."""
+    from groundseg.grounding.sa2va import Sa2VASample
 
+    cfg, inp, _ = fixture
     rgb, frames = inp["image_rgb"].numpy(), list(inp["video_frames_rgb"].numpy()[:5])
-    sam = model.grounding_encoder
-    sam_px = torch.stack([sam.preprocess(f, IMAGENET_MEAN, IMAGENET_STD) for f in [rgb] + frames])
-    close(sam_px[:, :, ::16, ::16], inp["train_g_pixel_values_stride16"])
-    pixel_values = torch.cat([model.image_pixel_values(rgb), model.frame_pixel_values(frames)])
-    return Sa2VABatch(inp["train_input_ids"], inp["train_labels"], inp["train_attention_mask"], pixel_values, sam_px,
-                      [inp["train_gt_masks_image"][None].bool(), inp["train_gt_masks_video"][:, None].bool()])
+    samples = [Sa2VASample([rgb], [tuple(t) for t in cfg["train"]["image_turns"]],
+                           inp["train_gt_masks_image"][None].numpy()),
+               Sa2VASample(frames, [tuple(t) for t in cfg["train"]["video_turns"]],
+                           inp["train_gt_masks_video"][:, None].numpy(), video=True)]
+    return model.collate(samples)
+
+
+def test_collate_reproduces_the_official_training_batch(model, fixture):
+    _, inp, _ = fixture
+    batch = _train_batch(model, fixture)
+    assert torch.equal(batch.input_ids, inp["train_input_ids"])
+    assert torch.equal(batch.labels, inp["train_labels"])
+    assert torch.equal(batch.attention_mask, inp["train_attention_mask"])
+    close(batch.sam_pixel_values[:, :, ::16, ::16], inp["train_g_pixel_values_stride16"])
+    assert batch.pixel_values.shape == (8, 3, 448, 448)  # 3 image tiles + 5 key frames
+    assert [tuple(g.shape) for g in batch.gt_masks] == [(1, 2, 40, 80), (5, 1, 48, 64)]
 
 
 def test_training_losses(model, fixture):
     _, inp, out = fixture
-    batch = _train_batch(model, inp)
+    batch = _train_batch(model, fixture)
     with torch.no_grad():
         res = model(batch, point_generator=torch.Generator().manual_seed(4321))
     rel(res["ce_loss"], out["train_ce_loss"])
@@ -201,7 +212,7 @@ def test_training_losses(model, fixture):
 
 def test_training_losses_without_point_sampling(model, fixture):
     _, inp, out = fixture
-    batch = _train_batch(model, inp)
+    batch = _train_batch(model, fixture)
     old = model.config.losses.num_points
     model.config.losses.num_points = 0
     try:

@@ -41,11 +41,14 @@ IMG_CONTEXT = "<IMG_CONTEXT>"
 IMG_START, IMG_END = "<img>", "</img>"
 SA2VA_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
 
-# name -> (user turn with {input}, stop words). The release picks the template from config.json["template"].
+# name -> (user turn with {input}, stop words, answer suffix, turn separator). The release picks the template from
+# config.json["template"]; training supervises each answer and its suffix, not the separator.
 TEMPLATES = {
-    "qwen_chat": ("<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n", ("<|im_end|>", "<|endoftext|>")),
-    "internlm2_chat": ("<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n", ("<|im_end|>",)),
-    "phi3_chat": ("<|user|>\n{input}<|end|>\n<|assistant|>\n", ("<|end|>",)),
+    "qwen_chat": ("<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n", ("<|im_end|>", "<|endoftext|>"),
+                  "<|im_end|>", "\n"),
+    "internlm2_chat": ("<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n", ("<|im_end|>",),
+                       "<|im_end|>", "\n"),
+    "phi3_chat": ("<|user|>\n{input}<|end|>\n<|assistant|>\n", ("<|end|>",), "<|end|>", "\n"),
 }
 
 
@@ -177,7 +180,7 @@ class Sa2VAModel(nn.Module):
             return
         self.seg_token_id = token_id(tokenizer, SEG)
         self.img_context_id = token_id(tokenizer, IMG_CONTEXT)
-        user, stops = TEMPLATES[config.template]
+        stops = TEMPLATES[config.template][1]
         self.stop_ids = [i for i in (tokenizer.convert_tokens_to_ids(s) for s in stops)
                          if i is not None and i != tokenizer.unk_token_id]
         if not self.stop_ids:
@@ -234,6 +237,55 @@ class Sa2VAModel(nn.Module):
         if "<image>" not in question:
             question = "<image>\n" + question
         return TEMPLATES[self.config.template][0].format(input=question.replace("<image>", image, 1))
+
+    def training_ids(self, turns: Sequence[tuple[str, str]], num_tiles: int, video: bool = False
+                     ) -> tuple[list[int], list[int]]:
+        """A conversation for training -> (input ids, labels): each turn is the template's user part (the first
+        question's ``<image>`` expanded), the answer + suffix (supervised) and the separator; labels are -100
+        except on the answers, at the same positions as the ids (the loss shifts them)."""
+        user, _, suffix, sep = TEMPLATES[self.config.template]
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, (question, answer) in enumerate(turns):
+            text = self.prompt_text(question, num_tiles, video) if k == 0 else user.format(input=question)
+            for piece, supervised in ((text, False), (answer + suffix, True), (sep, False)):
+                enc = self.encode_text(piece)
+                ids += enc
+                labels += enc if supervised else [-100] * len(enc)
+        return ids, labels
+
+    def collate(self, samples: Sequence["Sa2VASample"]) -> "Sa2VABatch":
+        """Training samples -> a right-padded :class:`Sa2VABatch` (pad id 0, label -100, as Sa2VA's collate):
+        MLLM tiles per sample (dynamic tiles for an image, one tile per frame for a video), SAM2 inputs of every
+        frame with the exact ImageNet statistics (Sa2VA's training code; its inference code rounds them to bf16)."""
+        from ..config import IMAGENET_MEAN, IMAGENET_STD
+
+        rows, pixel_values, sam_pixels, gts = [], [], [], []
+        for s in samples:
+            if s.video:
+                tiles = self.frame_pixel_values(s.frames)
+            else:
+                if len(s.frames) != 1:
+                    raise ValueError("an image sample has exactly one frame")
+                tiles = self.image_pixel_values(s.frames[0])
+            rows.append(self.training_ids(s.turns, len(tiles), s.video))
+            pixel_values.append(tiles)
+            sam = self.grounding_encoder
+            sam_pixels += [sam.preprocess(f, IMAGENET_MEAN, IMAGENET_STD) for f in s.frames]
+            gt = torch.as_tensor(np.asarray(s.gt_masks)).bool()
+            if gt.dim() != 4 or gt.shape[0] != len(s.frames):
+                raise ValueError(f"gt_masks must be (frames, objects, H, W) with {len(s.frames)} frames, got "
+                                 f"{tuple(gt.shape)}")
+            gts.append(gt)
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        attention = torch.zeros(len(rows), length, dtype=torch.bool)
+        for r, (ids, lab) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            labels[r, :len(lab)] = torch.tensor(lab)
+            attention[r, :len(ids)] = True
+        return Sa2VABatch(input_ids, labels, attention, torch.cat(pixel_values), torch.stack(sam_pixels), gts)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -459,6 +511,18 @@ class Sa2VABatch:
     pixel_values: torch.Tensor
     sam_pixel_values: torch.Tensor
     gt_masks: list[torch.Tensor]
+
+
+@dataclass
+class Sa2VASample:
+    """One training sample: ``frames`` (one image, or a video's sampled frames, (H, W, 3) uint8), ``turns``
+    (question, answer) pairs -- the first question holds ``<image>``, each ``[SEG]`` in the answers is one object --
+    and ``gt_masks`` (frames, objects, H, W), objects in ``[SEG]`` order."""
+
+    frames: list
+    turns: list
+    gt_masks: object
+    video: bool = False
 
 
 def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
