@@ -207,6 +207,14 @@ SHAPES_SYSTEM = "A chat about the shapes in an image."
 SHAPES_ANSWER = "Sure, {} [SEG]."
 
 
+def _shapes_llm() -> dict[str, Any]:
+    # Tied word embeddings: answering "the red circle" means copying the prompt's name token, and with tied
+    # input/output embeddings a head that attends to that token already points at the right output logit.
+    llm = _llama(0, 192, 512, 3, 4, 1e-6, 512)
+    llm["tie_word_embeddings"] = True
+    return llm
+
+
 def _shapes_demo() -> LisaConfig:
     # The default model: LISA's architecture at a size that trains from scratch on 2 CPU cores in under
     # 45 minutes (groundseg train --preset shapes-demo). SAM sees 128 pixels in 8-pixel patches (a 16x16
@@ -218,7 +226,7 @@ def _shapes_demo() -> LisaConfig:
                                       num_attention_heads=4, image_size=112, patch_size=14, projection_dim=64,
                                       hidden_act="quick_gelu", layer_norm_eps=1e-5), select_layer=-1),
         projector="mlp2x_gelu",
-        llm=_llama(0, 192, 512, 3, 4, 1e-6, 512),
+        llm=_shapes_llm(),
         sam=SamConfig(encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4, encoder_global_attn_indexes=(3,),
                       image_size=128, vit_patch_size=8, window_size=8, prompt_embed_dim=64, decoder_mlp_dim=256,
                       decoder_num_heads=4, iou_head_hidden_dim=64),

@@ -130,8 +130,31 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def tied_duplicates(model: torch.nn.Module) -> dict[str, str]:
+    """State-dict keys of output embeddings tied to the input embeddings (a transformers model whose config
+    says ``tie_word_embeddings``), mapped to the input key: ``...lm_head.weight`` -> ``...embed_tokens.weight``.
+    They are not saved and are tied again on load. Read off the configs, so it holds on the meta device too."""
+    names = {id(m): n for n, m in model.named_modules()}
+    dup: dict[str, str] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if not (hasattr(m, "get_output_embeddings") and getattr(cfg, "tie_word_embeddings", False)):
+            continue
+        out, inp = m.get_output_embeddings(), m.get_input_embeddings()
+        if out is not None and inp is not None and id(out) in names and id(inp) in names:
+            prefix = lambda mod: f"{names[id(mod)]}." if names[id(mod)] else ""
+            dup[f"{prefix(out)}weight"] = f"{prefix(inp)}weight"
+    return dup
+
+
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """``load_state_dict`` that fails with one line naming missing, unexpected and mis-shaped tensors."""
+    """``load_state_dict`` that fails with one line naming missing, unexpected and mis-shaped tensors.
+    Tied tensors (see :func:`tied_duplicates`) may be absent; they are tied again after loading."""
+    dup = tied_duplicates(model)
+    state = dict(state)
+    for k, src in dup.items():
+        if k not in state and src in state:
+            state[k] = state[src]
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
@@ -147,6 +170,10 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: s
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True, assign=True)
+    if dup:  # `assign` put separate parameters in place of the tied one
+        for m in model.modules():
+            if m is not model and hasattr(m, "tie_weights") and hasattr(m, "get_input_embeddings"):
+                m.tie_weights()
     if isinstance(model, LisaModel):
         model.sam.sam.prompt_encoder.float()  # `assign` keeps checkpoint dtypes; see decoders/sam.py
 
@@ -298,7 +325,8 @@ def save_pretrained(model: LisaModel, folder: str | os.PathLike) -> Path:
     try:
         cfg = {"groundseg_version": __version__, **model.config.to_dict()}
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        dup = tied_duplicates(model)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in dup}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "family": model.family})
         model.tokenizer.save_pretrained(str(tmp))
         # transformers 5 writes only tokenizer.json; the SentencePiece model is what reproduces the official

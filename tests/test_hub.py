@@ -126,3 +126,23 @@ def test_shapes_tokenizer_is_reproducible_and_spells_digits():
         assert shipped.decode(shipped(text, add_special_tokens=False).input_ids) == text.replace(" [SEG]", "[SEG]")
     # single words stay ordinary BPE tokens
     assert shipped.convert_ids_to_tokens(shipped(" the circle", add_special_tokens=False).input_ids) == ["Ġthe", "Ġcircle"]
+
+
+def test_tied_word_embeddings_save_once_and_stay_tied(tmp_path):
+    from safetensors.torch import load_file
+    from groundseg import save_pretrained
+    from groundseg.hub import load_tokenizer, preset_tokenizer_dir
+
+    cfg = preset_config("lisa-tiny")
+    cfg.llm["tie_word_embeddings"] = True
+    a = build_model(cfg, load_tokenizer(preset_tokenizer_dir("lisa-tiny")))
+    lm = a.vlm.language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    folder = save_pretrained(a, tmp_path / "tied")
+    keys = set(load_file(str(folder / "model.safetensors")))
+    assert "vlm.language_model.model.embed_tokens.weight" in keys
+    assert "vlm.language_model.lm_head.weight" not in keys  # stored once
+    b = load_model(folder)
+    lm_b = b.vlm.language_model
+    assert lm_b.lm_head.weight is lm_b.model.embed_tokens.weight  # tied again, not two copies
+    assert torch.equal(lm_b.lm_head.weight, lm.model.embed_tokens.weight)

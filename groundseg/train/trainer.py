@@ -89,19 +89,20 @@ class TrainConfig:
 # Documented recipes: `groundseg train --preset NAME` starts from these values (flags still override them).
 RECIPES: dict[str, dict[str, Any]] = {
     # The shipped default model: everything trained from scratch on the shapes world (no LoRA: a randomly
-    # initialised LLM has nothing for adapters to adapt). Seeds fixed; about 40 minutes on 2 CPU cores.
+    # initialised LLM has nothing for adapters to adapt). Seeds fixed; about 45 minutes on 2 CPU cores.
     # - Answers name the target ("Sure, the blue square [SEG].") and every name is one token (see
     #   tiny_tokenizer.shapes_name_phrases), so the state before [SEG] always carries the target's name.
     # - attribute_weight: auxiliary colour/shape/size probes (train/probes.py), the dense signal that teaches a
     #   from-scratch SAM encoder what a circle is far sooner than the mask losses alone.
-    # - ce_weight 0.01: under AdamW a loss's scale does not slow its own parameters, but in the shared LLM weights
-    #   the CE gradient (~100x the mask losses') would otherwise set the step sizes alone.
+    # - ce_weight 1.0 (LISA's) with tied word embeddings (config.py): the LLM must learn to copy the name it is
+    #   asked about into its answer. At ce_weight 0.01 or 0.1 it never did (4500 steps: every answer named the
+    #   same shape); at 1.0 it copies in a few hundred steps, and the mask losses were no worse for it.
     # - "objects" (every object named, one [SEG] each) gives the most masks per LLM pass; grounded captions are
     #   left out (their [SEG] follows "</p>", a state that needs what the names give for free).
     "shapes-demo": dict(model="shapes-demo", from_scratch=True, dataset="shapes", lora=False, train_all=True,
                         shapes_tasks={"refer": 6, "objects": 3, "multi": 1, "box": 1}, shapes_max_expressions=3,
-                        steps=4500, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
-                        warmup_steps=100, clip_grad=1.0, ce_weight=0.01, attribute_weight=1.0, save_every=250,
+                        steps=5000, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
+                        warmup_steps=100, clip_grad=1.0, ce_weight=1.0, attribute_weight=1.0, save_every=250,
                         log_every=10, num_workers=0, out="runs/shapes-demo"),
     # GLaMM on the shapes world (grounded captions, region captions, referring): shapes-demo's recipe with the
     # GLaMM tasks mixed in. Not yet trained to completion (see README); the numbers go there when it is.
