@@ -109,7 +109,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "glamm-shapes": dict(model="glamm-shapes", from_scratch=True, dataset="shapes", lora=False, train_all=True,
                          shapes_tasks={"refer": 4, "objects": 2, "gcg": 3, "regcap": 3}, shapes_max_expressions=3,
                          steps=4500, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
-                         warmup_steps=100, clip_grad=1.0, ce_weight=0.01, attribute_weight=1.0, save_every=250,
+                         warmup_steps=100, clip_grad=1.0, ce_weight=1.0, attribute_weight=1.0, save_every=250,
                          log_every=10, num_workers=0, out="runs/glamm-shapes"),
 }
 
