@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     source = open_video(args.video, start=args.start, max_frames=args.max_frames, stride=args.stride)
     device = _device(args.device)
     name = args.model or default_track_model()
+    if args.model is None and name == "sa2va-tiny":
+        print("note: no trained Sa2VA model ships yet, so this uses sa2va-tiny, whose weights are random: the masks "
+              "show the plumbing, not tracking quality (pass --model with a Sa2VA checkpoint)", file=sys.stderr)
     model = load_model(name)
     if not hasattr(model, "track"):
         raise InputError(f"--model {name}: the {model.family} family cannot track videos; use a Sa2VA model "
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=source.num_frames, unit="frame", file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     count = 0
-    with TrackWriter(out, prompts, source.fps, source.size, info=info) as writer:
+    with bar, TrackWriter(out, prompts, source.fps, source.size, info=info) as writer:  # bar closed before an error
         for frame in frames:
             if count == 0:  # the key frames have been through the MLLM by now
                 writer.info["answers"] = [g.text for g in groundings]
@@ -93,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
             writer.write(source.frame_number(frame.index), frame.rgb, frame.logits.numpy())
             count += 1
             bar.update(1)
-    bar.close()
     seconds = time.perf_counter() - t0
     print(f"wrote {count} frames to {out} ({count / max(seconds, 1e-9):.2f} frames/s)")
     return 0

@@ -13,6 +13,7 @@ pixel value = object id = prompt order, 0 = background), ``overlay.mp4`` at the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .io import InputError, atomic_write, mask_to_rle, masks_to_boxes_xyxy, overlay, save_json
+from .io import InputError, _json_default, atomic_write, mask_to_rle, masks_to_boxes_xyxy, overlay
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DEFAULT_FPS = 24.0
@@ -260,7 +261,11 @@ class TrackWriter:
         self.fps = float(fps)
         self.size = tuple(size)
         self.info = dict(info or {})
-        self.frames: list[dict] = []
+        # Frame records go to a hidden JSON-lines file as they come (memory stays flat however long the video);
+        # close() streams them into track.json.
+        self.num_frames = 0
+        self._records_tmp = self.out / f".track.{os.getpid()}.jsonl"
+        self._records = open(self._records_tmp, "w", encoding="utf-8")
         self._video = None
         self._video_tmp = self.out / f".overlay.{os.getpid()}.mp4"
         if overlay_video:
@@ -284,7 +289,8 @@ class TrackWriter:
             objects.append({"id": k + 1, "prompt": self.prompts[k], "segmentation": mask_to_rle(m),
                             "score": round(float(prob[k][m].mean()) if area else 0.0, 4),
                             "box": [float(v) for v in boxes[k]] if area else None, "area": area})
-        self.frames.append({"frame": int(frame_number), "objects": objects})
+        self._records.write(json.dumps({"frame": int(frame_number), "objects": objects}) + "\n")
+        self.num_frames += 1
         if self._video is not None:
             shown = overlay(rgb, masks, answer, phrases=[p if masks[k].any() else None
                                                         for k, p in enumerate(self.prompts)])
@@ -295,11 +301,21 @@ class TrackWriter:
             self._video.release()
             self._video = None
             os.replace(self._video_tmp, self.out / "overlay.mp4")
-        save_json(self.out / "track.json", {**self.info, "prompts": self.prompts, "fps": self.fps,
-                                            "size": list(self.size), "num_frames": len(self.frames),
-                                            "frames": self.frames})
+        self._records.close()
+        head = {**self.info, "prompts": self.prompts, "fps": self.fps, "size": list(self.size),
+                "num_frames": self.num_frames}
+        with atomic_write(self.out / "track.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(head, indent=2, default=_json_default)[:-2] + ',\n  "frames": [')
+            with open(self._records_tmp, encoding="utf-8") as records:
+                for k, line in enumerate(records):
+                    f.write(("," if k else "") + "\n    " + line.rstrip("\n"))
+            f.write("\n  ]\n}\n")
+        self._records_tmp.unlink()
 
     def abort(self) -> None:
+        if not self._records.closed:
+            self._records.close()
+        self._records_tmp.unlink(missing_ok=True)
         if self._video is not None:
             self._video.release()
             self._video = None

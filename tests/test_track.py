@@ -114,7 +114,12 @@ def test_track_writer_round_trip(tmp_path):
     with TrackWriter(tmp_path / "o", ["a", "b"], fps=12.0, size=(6, 8)) as w:
         w.write(7, rgb, logits)
         w.write(9, rgb, np.full((2, 6, 8), -1.0, np.float32))
+        # frame records are on disk as they come, not held in memory until the end
+        w._records.flush()
+        (records,) = (tmp_path / "o").glob(".track.*.jsonl")
+        assert [json.loads(x)["frame"] for x in records.read_text().splitlines()] == [7, 9]
     doc = json.loads((tmp_path / "o" / "track.json").read_text())
+    assert doc["num_frames"] == 2 and [f["frame"] for f in doc["frames"]] == [7, 9]
     assert doc["prompts"] == ["a", "b"] and doc["fps"] == 12.0 and doc["size"] == [6, 8]
     f0 = doc["frames"][0]
     assert f0["frame"] == 7 and [o["id"] for o in f0["objects"]] == [1, 2]

@@ -279,3 +279,29 @@ def test_eval_video_runs_a_model_and_writes_its_masks(tmp_path):
     written = np.asarray(Image.open(tmp_path / "out" / "Annotations" / "v1" / "0" / "00005.png")) > 0
     assert np.array_equal(written, masks[("v1", 1)][1])
     assert json.loads((tmp_path / "out" / "report.json").read_text())["model"] == "stand-in"
+
+
+def test_revos_video_ids_with_slashes_count_as_videos(tmp_path):
+    # ReVOS ids look like "UVO/all/-fbscFfkh4M": the video count must not stop at the first "/".
+    from groundseg.cli import main
+
+    data = tmp_path / "data"
+    masks = _write_dataset(data, "revos")
+    meta_path = data / "meta_expressions_valid_.json"
+    meta = json.loads(meta_path.read_text())
+    renamed = {"v1": "UVO/all/v1", "v2": "UVO/all/v2"}
+    meta["videos"] = {renamed[v]: e for v, e in meta["videos"].items()}
+    meta_path.write_text(json.dumps(meta))
+    (data / "JPEGImages" / "UVO" / "all").mkdir(parents=True)
+    for old, new in renamed.items():
+        (data / "JPEGImages" / old).rename(data / "JPEGImages" / new)
+    _write_predictions(tmp_path / "pred_flat", masks)
+    (tmp_path / "pred" / "UVO" / "all").mkdir(parents=True)
+    for old, new in renamed.items():
+        (tmp_path / "pred_flat" / old).rename(tmp_path / "pred" / new)
+    argv = ["eval", "video", "--data-root", str(data), "--format", "revos", "--split", "valid",
+            "--predictions", str(tmp_path / "pred"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (report["num_expressions"], report["num_videos"]) == (3, 2)
+    assert report["J&F"] == pytest.approx(1.0)

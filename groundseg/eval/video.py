@@ -330,7 +330,7 @@ def evaluate_video(data_root: str, fmt: str, split: str, model=None, predictions
         if log:
             log.close()
     metrics = summarize(scores)
-    metrics["num_videos"] = len({s.key.split("/")[0] for s in scores})
+    metrics["num_videos"] = len({e.video for e in exprs})  # ReVOS video ids hold "/" themselves
     report = {**metrics, "format": fmt, "split": split, "dataset": fmt, "model": model_name,
               "predictions": predictions, "seconds": round(time.perf_counter() - t0, 2),
               "resumed_expressions": len(done)}
