@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", default=None, help="refcoco, refcoco+, refcocog, refclef, shapes or any REFER-format "
                                                    "folder under --data-root")
     e.add_argument("--split-by", default=None, help="unc, umd, google (default: the only refs file present)")
-    e.add_argument("--split", default="val", help="val, testA, testB, test, ... (default: %(default)s)")
+    e.add_argument("--split", default=None, help="val, testA, testB, test, ... (default: val; for video the "
+                                                 "format's validation split: valid, or valid_u for mevis)")
     e.add_argument("--image-dir", default=None, help="image folder (default: DATA_ROOT/images)")
     e.add_argument("--model", "-m", default=None, help="preset or checkpoint folder (default: the shipped default "
                                                        "model)")
@@ -271,6 +272,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.metrics import format_table
     from .eval.runner import protocol_name
 
+    if args.split is None:
+        args.split = {"mevis": "valid_u"}.get(args.format, "valid") if args.task == "video" else "val"
     if args.task == "video":
         from .eval.video import run_cli
 

@@ -305,3 +305,15 @@ def test_revos_video_ids_with_slashes_count_as_videos(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert (report["num_expressions"], report["num_videos"]) == (3, 2)
     assert report["J&F"] == pytest.approx(1.0)
+
+
+def test_eval_video_defaults_to_the_formats_validation_split(tmp_path):
+    from groundseg.cli import main
+
+    masks = _write_dataset(tmp_path / "data", "refytvos")  # split "valid", as the releases name it
+    _write_predictions(tmp_path / "pred", masks)
+    argv = ["eval", "video", "--data-root", str(tmp_path / "data"), "--format", "refytvos",
+            "--predictions", str(tmp_path / "pred"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["split"] == "valid" and report["J&F"] == pytest.approx(1.0)
