@@ -249,6 +249,21 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"{path}: not a readable PNG ({type(e).__name__})")
 
 
+def read_binary_png(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) bool of a mask PNG made by any tool: palette or greyscale (non-zero index), 1-bit, 16/32-bit, RGB(A)
+    (any non-zero colour channel; alpha ignored)."""
+    try:
+        with Image.open(path) as img:
+            a = np.asarray(img)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable PNG ({type(e).__name__})")
+    if a.ndim == 3:  # LA, RGB, RGBA: the alpha channel is not the mask
+        return (a[..., :-1] if a.shape[-1] in (2, 4) else a).any(-1)
+    if a.ndim != 2:
+        raise InputError(f"{path}: expected a 2-D mask image, got shape {a.shape}")
+    return a != 0
+
+
 class TrackWriter:
     """Writes a tracking run into ``out`` as frames arrive (see the module docstring); :meth:`close` finishes
     ``overlay.mp4`` and writes ``track.json``. Use as a context manager."""

@@ -317,3 +317,27 @@ def test_eval_video_defaults_to_the_formats_validation_split(tmp_path):
     assert main(argv) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["split"] == "valid" and report["J&F"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "I;16", "RGB", "RGBA", "LA"])
+def test_predictions_in_any_common_png_mode(tmp_path, mode):
+    from groundseg.video import read_binary_png
+
+    m = np.zeros((5, 7), bool)
+    m[1:3, 2:6] = True
+    if mode == "1":
+        img = Image.fromarray(m)
+    elif mode in ("RGB", "RGBA", "LA"):
+        chans = {"RGB": 3, "RGBA": 4, "LA": 2}[mode]
+        a = np.zeros((5, 7, chans), np.uint8)
+        a[..., 0] = m * 200
+        a[..., -1] = 255 if mode != "RGB" else a[..., -1]  # opaque alpha everywhere: must not count as mask
+        img = Image.fromarray(a, mode)
+    else:
+        img = Image.fromarray((m * 3).astype(np.uint16 if mode == "I;16" else np.uint8))
+        if mode == "P":
+            img = img.convert("P")
+    img.save(tmp_path / "m.png")
+    with Image.open(tmp_path / "m.png") as check:
+        assert check.mode == mode
+    assert np.array_equal(read_binary_png(tmp_path / "m.png"), m)

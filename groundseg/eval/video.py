@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 
 from ..io import InputError, read_json, rle_to_mask
-from ..video import FileFrames, read_label_png
+from ..video import FileFrames, read_binary_png, read_label_png
 
 FORMATS = ("refytvos", "mevis", "revos", "refdavis")
 BOUND_TH = 0.008
@@ -270,7 +270,7 @@ def _prediction_masks(pred_root: Path, e: VideoExpression) -> Iterator[np.ndarra
         p = folder / f"{f}.png"
         if not p.is_file():
             raise InputError(f"--predictions: {p} not found (expected PRED/<video>/<exp_id>/<frame>.png)")
-        yield read_label_png(p) > 0
+        yield read_binary_png(p)
 
 
 def _model_masks(model, ds: VideoDataset, e: VideoExpression, write_to: Path | None) -> Iterator[np.ndarray]:
