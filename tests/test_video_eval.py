@@ -267,15 +267,18 @@ def test_eval_video_runs_a_model_and_writes_its_masks(tmp_path):
 
             seen.append((source.name, prompts, [p.name for p in source.files]))
             for idx, rgb in source:
-                m = masks[("v1", 1)][idx] if prompts == ["the square"] else np.zeros(rgb.shape[:2], bool)
-                yield SimpleNamespace(index=idx, masks=m[None])
+                ms = [masks[("v1", 1)][idx] if p == "the square" else np.zeros(rgb.shape[:2], bool) for p in prompts]
+                yield SimpleNamespace(index=idx, masks=np.stack(ms))
 
     res = evaluate_video(tmp_path / "data", "refytvos", "valid", model=Model(), out=str(tmp_path / "out"),
                          model_name="stand-in")
-    assert seen[0] == ("v1/0", ["the square"], ["00000.jpg", "00005.jpg"])
+    # one track() call per video: both expressions of v1 share its frames (read and encoded once)
+    assert seen == [("v1", ["the square", "both shapes"], ["00000.jpg", "00005.jpg"]),
+                    ("v2", ["the bar"], ["00000.jpg", "00005.jpg"])]
     by_key = {s.key: s for s in res.scores}
+    assert [s.key for s in res.scores] == ["v1/0", "v1/1", "v2/0"]
     assert by_key["v1/0"].j == 1.0 and by_key["v1/0"].f == 1.0
-    assert by_key["v2/0"].j == 0.0
+    assert by_key["v1/1"].j == 0.0 and by_key["v2/0"].j == 0.0
     written = np.asarray(Image.open(tmp_path / "out" / "Annotations" / "v1" / "0" / "00005.png")) > 0
     assert np.array_equal(written, masks[("v1", 1)][1])
     assert json.loads((tmp_path / "out" / "report.json").read_text())["model"] == "stand-in"

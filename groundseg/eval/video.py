@@ -104,18 +104,31 @@ class ExpressionScore:
         return (self.j + self.f) / 2
 
 
+class _FrameScores:
+    """J and F of one expression, a frame at a time."""
+
+    def __init__(self, key: str):
+        self.key, self.js, self.fs = key, [], []
+
+    def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        if pred.shape != gt.shape:
+            raise InputError(f"{self.key}: prediction {pred.shape[1]}x{pred.shape[0]} vs ground truth "
+                             f"{gt.shape[1]}x{gt.shape[0]}")
+        self.js.append(region_j(pred, gt))
+        self.fs.append(boundary_f(pred, gt))
+
+    def result(self) -> ExpressionScore:
+        if not self.js:
+            raise InputError(f"{self.key}: no frames to score")
+        return ExpressionScore(self.key, float(np.mean(self.js)), float(np.mean(self.fs)), len(self.js))
+
+
 def score_frames(pairs: Iterable[tuple[np.ndarray, np.ndarray]], key: str = "") -> ExpressionScore:
     """(prediction, ground truth) mask pairs of one expression's frames -> its mean J and F."""
-    js, fs = [], []
+    acc = _FrameScores(key)
     for pred, gt in pairs:
-        if pred.shape != gt.shape:
-            raise InputError(f"{key}: prediction {pred.shape[1]}x{pred.shape[0]} vs ground truth "
-                             f"{gt.shape[1]}x{gt.shape[0]}")
-        js.append(region_j(pred, gt))
-        fs.append(boundary_f(pred, gt))
-    if not js:
-        raise InputError(f"{key}: no frames to score")
-    return ExpressionScore(key, float(np.mean(js)), float(np.mean(fs)), len(js))
+        acc.add(pred, gt)
+    return acc.result()
 
 
 def summarize(scores: list[ExpressionScore]) -> dict[str, float]:
@@ -273,17 +286,39 @@ def _prediction_masks(pred_root: Path, e: VideoExpression) -> Iterator[np.ndarra
         yield read_binary_png(p)
 
 
-def _model_masks(model, ds: VideoDataset, e: VideoExpression, write_to: Path | None) -> Iterator[np.ndarray]:
+def _model_scores(model, ds: VideoDataset, group: list[VideoExpression], write_to: Path | None
+                  ) -> list[ExpressionScore]:
+    """Track every expression of ``group`` (one video, the same frames) in one ``model.track`` call, so each frame
+    is read and encoded once for all of them; score each as the frames come (and write its masks)."""
     from ..video import save_label_png
 
-    source = FileFrames(ds.frame_paths(e), e.key)
+    source = FileFrames(ds.frame_paths(group[0]), group[0].video)
     if write_to is not None:
-        (write_to / e.video / e.exp_id).mkdir(parents=True, exist_ok=True)
-    for frame in model.track(source, [e.text]):
-        mask = frame.masks[0]
-        if write_to is not None:
-            save_label_png(write_to / e.video / e.exp_id / f"{e.frames[frame.index]}.png", mask.astype(np.uint8))
-        yield mask
+        for e in group:
+            (write_to / e.video / e.exp_id).mkdir(parents=True, exist_ok=True)
+    truth = [ds.ground_truth(e) for e in group]
+    accs = [_FrameScores(e.key) for e in group]
+    for frame in model.track(source, [e.text for e in group]):
+        for k, e in enumerate(group):
+            mask = frame.masks[k]
+            if write_to is not None:
+                save_label_png(write_to / e.video / e.exp_id / f"{e.frames[frame.index]}.png", mask.astype(np.uint8))
+            gt = next(truth[k], None)
+            if gt is None:
+                raise InputError(f"{e.key}: the model returned more frames than the expression has")
+            accs[k].add(mask, gt)
+    return [acc.result() for acc in accs]
+
+
+def _groups(exprs: list[VideoExpression]) -> list[list[VideoExpression]]:
+    """Consecutive expressions of the same video over the same frames, in order."""
+    groups: list[list[VideoExpression]] = []
+    for e in exprs:
+        if groups and groups[-1][0].video == e.video and groups[-1][0].frames == e.frames:
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    return groups
 
 
 def evaluate_video(data_root: str, fmt: str, split: str, model=None, predictions: str | None = None,
@@ -310,25 +345,33 @@ def evaluate_video(data_root: str, fmt: str, split: str, model=None, predictions
                "predictions": str(pred_root.resolve()) if pred_root else None, "limit": limit}
         out_dir, log = start_run(out, run, resume)
     done = log.done if log else {}
-    scores = []
+    by_key: dict[str, ExpressionScore] = {}
+    bar = tqdm(total=len(exprs), disable=not progress, unit="expr")
     try:
-        for e in tqdm(exprs, disable=not progress, unit="expr"):
-            if e.key in done:
-                r = done[e.key]
-                scores.append(ExpressionScore(e.key, r["J"], r["F"], r["num_frames"]))
+        for group in _groups(exprs):
+            for e in group:
+                if e.key in done:
+                    r = done[e.key]
+                    by_key[e.key] = ExpressionScore(e.key, r["J"], r["F"], r["num_frames"])
+                    bar.update(1)
+            todo = [e for e in group if e.key not in done]
+            if not todo:
                 continue
             if pred_root is not None:
-                preds = _prediction_masks(pred_root, e)
+                new = [score_frames(zip(_prediction_masks(pred_root, e), ds.ground_truth(e)), e.key) for e in todo]
             else:
-                preds = _model_masks(model, ds, e, out_dir / "Annotations" if out_dir else None)
-            s = score_frames(zip(preds, ds.ground_truth(e)), e.key)
-            scores.append(s)
-            if log:
-                log.write({"sent_id": e.key, "video": e.video, "exp_id": e.exp_id, "exp": e.text, "J": s.j,
-                           "F": s.f, "J&F": s.jf, "num_frames": s.num_frames})
+                new = _model_scores(model, ds, todo, out_dir / "Annotations" if out_dir else None)
+            for e, sc in zip(todo, new):
+                by_key[e.key] = sc
+                if log:
+                    log.write({"sent_id": e.key, "video": e.video, "exp_id": e.exp_id, "exp": e.text, "J": sc.j,
+                               "F": sc.f, "J&F": sc.jf, "num_frames": sc.num_frames})
+                bar.update(1)
     finally:
+        bar.close()
         if log:
             log.close()
+    scores = [by_key[e.key] for e in exprs]
     metrics = summarize(scores)
     metrics["num_videos"] = len({e.video for e in exprs})  # ReVOS video ids hold "/" themselves
     report = {**metrics, "format": fmt, "split": split, "dataset": fmt, "model": model_name,
