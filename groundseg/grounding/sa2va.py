@@ -180,12 +180,17 @@ class Sa2VAModel(nn.Module):
             return
         self.seg_token_id = token_id(tokenizer, SEG)
         self.img_context_id = token_id(tokenizer, IMG_CONTEXT)
-        stops = TEMPLATES[config.template][1]
-        self.stop_ids = [i for i in (tokenizer.convert_tokens_to_ids(s) for s in stops)
+        self.stop_words = TEMPLATES[config.template][1]
+        self.stop_ids = [i for i in (tokenizer.convert_tokens_to_ids(s) for s in self.stop_words)
                          if i is not None and i != tokenizer.unk_token_id]
-        if not self.stop_ids:
-            raise ValueError(f"the tokenizer has none of the stop words {stops} of template {config.template}")
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[-1]
+        # A stop word need not be one token: Sa2VA-4B uses phi3's "<|end|>" on a Qwen2.5 tokenizer. Generation
+        # then ends at the tokenizer's EOS (or the token limit) and the answer is cut where the stop word's text
+        # appears, as xtuner's stop-word criterion (which decodes) would have stopped it.
+        self.generate_eos = self.stop_ids[0] if self.stop_ids else tokenizer.eos_token_id
+        if self.generate_eos is None:
+            raise ValueError(f"the tokenizer has none of the stop words {self.stop_words} of template "
+                             f"{config.template} as a token, and no EOS token")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.generate_eos
         if len(tokenizer) > lm_config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the LLM vocab_size is {lm_config.vocab_size}")
 
@@ -320,9 +325,9 @@ class Sa2VAModel(nn.Module):
         else:
             emb = self.embed(ids, image_tokens)
             mask = torch.ones(ids.shape, dtype=torch.bool, device=self.device)
-            gen = self._generate(emb, mask, ids.to(self.device), max_new_tokens, self.stop_ids[0], self.pad_id)
+            gen = self._generate(emb, mask, ids.to(self.device), max_new_tokens, self.generate_eos, self.pad_id)
             new = gen.new_tokens[0]
-            cut = next((i for i, t in enumerate(new) if t in self.stop_ids), None)
+            cut = self.stop_cut(new)
             new = new[:cut + 1] if cut is not None else new
             start = ids.shape[1]
             token_ids = gen.token_ids[0, :start + len(new)]
@@ -331,6 +336,25 @@ class Sa2VAModel(nn.Module):
             seg = gen.hidden_states[0, pos]
             text = self.tokenizer.decode(new, skip_special_tokens=False)
         return Grounding(text, self.text_hidden_fcs(seg.to(self.text_hidden_fcs[0].weight.dtype)), seg, list(new))
+
+    def stop_cut(self, new: Sequence[int]) -> int | None:
+        """Index of the token that ends the answer: the first stop-word token, or the token whose text completes
+        a stop word that is not one token, or the generation EOS; None when the answer never stopped."""
+        ids = list(new)
+        for i, t in enumerate(ids):
+            if t in self.stop_ids or t == self.generate_eos:
+                first = i
+                break
+        else:
+            first = None
+        multi = [w for w in self.stop_words if self.tokenizer.convert_tokens_to_ids(w) not in self.stop_ids]
+        if multi:
+            end = len(ids) if first is None else first
+            for i in range(end):
+                text = self.tokenizer.decode(ids[:i + 1], skip_special_tokens=False)
+                if any(w in text for w in multi):
+                    return i
+        return first
 
     # ------------------------------------------------------------------------------------------ images
 
