@@ -11,16 +11,14 @@ index in the split sorted by file name, ``image_id`` its file stem.
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..datasets.reasonseg import ReasonSegSample, load_reasonseg
-from ..io import InputError
 from .refer import ReferReport
-from .report import build_report, write_outputs
-from .runner import Clock, Expression, protocol_name, run_and_report, score_predictions
+from .report import build_report, write_scored_outputs
+from .runner import Clock, Expression, check_run_args, protocol_name, run_and_report, score_predictions
 
 __all__ = ["evaluate_reasonseg", "score_reasonseg_predictions"]
 
@@ -50,10 +48,7 @@ def evaluate_reasonseg(model, data_root: str, split: str = "val", protocol: str 
     :func:`groundseg.eval.refer.evaluate_refer`."""
     clock = Clock()
     protocol = protocol_name(protocol)
-    if batch_size < 1:
-        raise InputError(f"batch size {batch_size}: expected at least 1")
-    if resume and not out:
-        raise InputError("--resume needs --out, the folder of the run to continue")
+    check_run_args(batch_size, resume, out)
     samples, groups = _split(data_root, split, limit)
     run = {"task": "reasonseg", "dataset": "ReasonSeg", "split": split, "protocol": protocol, "model": model_name,
            "limit": limit}
@@ -73,10 +68,5 @@ def score_reasonseg_predictions(predictions: str, data_root: str, split: str = "
                                                 frozenset(range(len(samples))), f"ReasonSeg {split}")
     report = build_report(meter, dataset="ReasonSeg", split=split, model=None, protocol="predictions",
                           num_images=len(groups), seconds=clock(), predictions=str(predictions), missing=missing)
-    if out:
-        outdir = Path(out)
-        if outdir.exists() and not outdir.is_dir():
-            raise InputError(f"--out {outdir}: exists and is not a folder")
-        outdir.mkdir(parents=True, exist_ok=True)
-        write_outputs(outdir, report, meter.ious.get("all", []))
+    write_scored_outputs(out, report, meter)
     return ReferReport("ReasonSeg", split, "predictions", meter.summary(), records, report)

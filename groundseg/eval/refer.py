@@ -29,9 +29,9 @@ import torch
 
 from ..io import InputError, mask_to_bbox
 from .metrics import BoxMeter
-from .report import build_report, dist_info, split_count_warning, write_outputs
-from .runner import (MULTI_QUESTION, Clock, Expression, _record, check_unique, match_predictions, protocol_name,
-                     run_and_report, run_groups, score_predictions)
+from .report import build_report, dist_info, split_count_warning, write_scored_outputs
+from .runner import (MULTI_QUESTION, Clock, Expression, _record, check_run_args, check_unique, match_predictions,
+                     protocol_name, run_and_report, run_groups, score_predictions)
 
 SEG_QUESTION = "What is {} in this image? Please output segmentation mask."
 BOX_QUESTION = "Where is {}? Answer with a box."
@@ -120,6 +120,20 @@ def _warnings(dataset: str | None, split_by: str | None, refer, split: str, coun
 
 
 @torch.no_grad()
+def _model_run_split(data_root, dataset, split_by, split, image_dir, limit, out, single_only: bool,
+                     question: str = SEG_QUESTION):
+    """What a model run over a REFER split needs: (name, refer, expression groups, split_by, count warnings)."""
+    name = dataset or Path(data_root).name
+    refer, images, by_image, samples = _load_split(data_root, dataset, split_by, split, image_dir, limit,
+                                                   single_only=single_only)
+    groups = _expressions(by_image, images, question)
+    split_by = _split_by(refer, split_by)
+    warnings = _warnings(name, split_by, refer, split, len(samples), limit)
+    if out:
+        check_unique(groups, refer.source)
+    return name, refer, groups, split_by, warnings
+
+
 def evaluate_refer(model, data_root: str, dataset: str | None = None, split_by: str | None = None,
                    split: str = "val", image_dir: str | None = None, mode: str | None = None,
                    chunk: int = 16, limit: int | None = None, progress: bool = True, *,
@@ -140,18 +154,9 @@ def evaluate_refer(model, data_root: str, dataset: str | None = None, split_by: 
     clock = Clock()
     protocol = protocol_name(protocol, mode)
     batch_size = batch_size or chunk
-    if batch_size < 1:
-        raise InputError(f"batch size {batch_size}: expected at least 1")
-    if resume and not out:
-        raise InputError("--resume needs --out, the folder of the run to continue")
-    name = dataset or Path(data_root).name
-    refer, images, by_image, samples = _load_split(data_root, dataset, split_by, split, image_dir, limit,
-                                                   single_only=False)
-    groups = _expressions(by_image, images)
-    split_by = _split_by(refer, split_by)
-    warnings = _warnings(name, split_by, refer, split, len(samples), limit)
-    if out:
-        check_unique(groups, refer.source)
+    check_run_args(batch_size, resume, out)
+    name, refer, groups, split_by, warnings = _model_run_split(data_root, dataset, split_by, split, image_dir, limit,
+                                                               out, single_only=False)
     run = {"task": "refer", "dataset": name, "split_by": split_by, "split": split, "protocol": protocol,
            "model": model_name, "limit": limit}
     meter, records, report = run_and_report(model, groups, _ground_truth(refer), protocol, batch_size, out, run,
@@ -179,18 +184,8 @@ def score_refer_predictions(predictions: str, data_root: str, dataset: str | Non
     report = build_report(meter, dataset=name, split_by=split_by, split=split, model=None,
                           protocol="predictions", num_images=len(groups), seconds=clock(), warnings=warnings,
                           predictions=str(predictions), missing=missing)
-    _write_scored(out, report, meter)
+    write_scored_outputs(out, report, meter)
     return ReferReport(name, split, "predictions", meter.summary(), records, report)
-
-
-def _write_scored(out: str | None, report: dict[str, Any], meter) -> None:
-    """A scored predictions file's ``report.json`` and ``iou_hist.png`` in ``out`` (when given)."""
-    if out:
-        outdir = Path(out)
-        if outdir.exists() and not outdir.is_dir():
-            raise InputError(f"--out {outdir}: exists and is not a folder")
-        outdir.mkdir(parents=True, exist_ok=True)
-        write_outputs(outdir, report, meter.ious.get("all", []))
 
 
 @torch.no_grad()
@@ -207,18 +202,9 @@ def evaluate_boxes(model, data_root: str, dataset: str | None = None, split_by: 
     """
     clock = Clock()
     batch_size = batch_size or chunk
-    if batch_size < 1:
-        raise InputError(f"batch size {batch_size}: expected at least 1")
-    if resume and not out:
-        raise InputError("--resume needs --out, the folder of the run to continue")
-    name = dataset or Path(data_root).name
-    refer, images, by_image, samples = _load_split(data_root, dataset, split_by, split, image_dir, limit,
-                                                   single_only=True)
-    groups = _expressions(by_image, images, BOX_QUESTION)
-    split_by = _split_by(refer, split_by)
-    warnings = _warnings(name, split_by, refer, split, len(samples), limit)
-    if out:
-        check_unique(groups, refer.source)
+    check_run_args(batch_size, resume, out)
+    name, refer, groups, split_by, warnings = _model_run_split(data_root, dataset, split_by, split, image_dir, limit,
+                                                               out, single_only=True, question=BOX_QUESTION)
     run = {"task": "rec", "dataset": name, "split_by": split_by, "split": split, "protocol": "generate",
            "model": model_name, "limit": limit}
     meter, records, report = run_and_report(model, groups, _box_truth(refer), "generate", batch_size, out, run,
@@ -256,7 +242,7 @@ def score_box_predictions(predictions: str, data_root: str, dataset: str | None 
     report = _box_report(meter, dataset=name, split_by=split_by, split=split, model=None, protocol="predictions",
                          num_images=len(groups), seconds=clock(), warnings=warnings, predictions=str(predictions),
                          missing=missing)
-    _write_scored(out, report, meter)
+    write_scored_outputs(out, report, meter)
     return ReferReport(name, split, "predictions", meter.summary(), records, report)
 
 

@@ -178,6 +178,16 @@ def write_outputs(out: Path, report: dict[str, Any], ious: list[float]) -> None:
                                                         f"{len(ious)} expressions")
 
 
+def write_scored_outputs(out: str | os.PathLike | None, report: dict[str, Any], meter) -> None:
+    """A scored predictions file's ``report.json`` and ``iou_hist.png`` in ``out`` (nothing when None)."""
+    if out:
+        outdir = Path(out)
+        if outdir.exists() and not outdir.is_dir():
+            raise InputError(f"--out {outdir}: exists and is not a folder")
+        outdir.mkdir(parents=True, exist_ok=True)
+        write_outputs(outdir, report, meter.ious.get("all", []))
+
+
 def iou_histogram_image(ious: list[float], bins: int = 10, title: str = "", size: tuple[int, int] = (360, 560)
                         ) -> np.ndarray:
     """(H, W, 3) uint8 RGB bar chart of IoUs in ``bins`` equal bins over [0, 1] (1.0 falls in the last bin)."""

@@ -62,6 +62,14 @@ def protocol_name(protocol: str | None = None, mode: str | None = None) -> str:
     return protocol or aliased or "teacher-forced"
 
 
+def check_run_args(batch_size: int, resume: bool, out) -> None:
+    """The options every model run shares: a positive batch size, and --resume only with --out."""
+    if batch_size < 1:
+        raise InputError(f"batch size {batch_size}: expected at least 1")
+    if resume and not out:
+        raise InputError("--resume needs --out, the folder of the run to continue")
+
+
 def check_unique(groups: list[list[Expression]], where: str) -> None:
     """Refuse a split whose sentences share a ``sent_id`` (predictions are keyed by it)."""
     seen: set = set()
