@@ -97,9 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--predictions", default=None, metavar="FILE",
                    help="score this file (JSONL or JSON list of {sent_id, segmentation: RLE}; rec: {sent_id, box: "
                         "[x1, y1, x2, y2] pixels or null}) without a model")
-    e.add_argument("--text-encoder", default=None, metavar="DIR",
+    e.add_argument("--text-encoder", default=None, metavar="DIR|words",
                    help="gcg: local transformers text encoder for mask recall's phrase similarity (officially "
-                        "bert-base-uncased); without it recall is not computed")
+                        "bert-base-uncased), or 'words' for an offline bag-of-words cosine; without it recall is "
+                        "not computed")
     e.add_argument("--max-new-tokens", type=int, default=None, help="gcg/regcap: generation length (default 512 / "
                                                                      "128)")
     e.add_argument("--device", default="cpu")
@@ -353,7 +354,7 @@ def _eval_captioning(task: str, args: argparse.Namespace) -> int:
         raise InputError(f"eval {task}: --predictions, --protocol and --mode apply to refer/reasonseg only")
     if args.text_encoder and task != "gcg":
         raise InputError("--text-encoder is for eval gcg (mask recall)")
-    if args.text_encoder and not Path(args.text_encoder).is_dir():
+    if args.text_encoder and args.text_encoder != "words" and not Path(args.text_encoder).is_dir():
         raise InputError(f"--text-encoder {args.text_encoder}: folder not found")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {args.max_new_tokens}: expected at least 1")
@@ -376,7 +377,7 @@ def _eval_captioning(task: str, args: argparse.Namespace) -> int:
         n = report["num_images"]
     else:
         report = evaluate_regcap(model, dataset=args.dataset, **common)
-        cols = ("METEOR", "CIDEr")
+        cols = ("METEOR", "CIDEr", "exact_match")
         n = report["num_regions"]
     fmt = lambda v: "-" if v is None or v != v else f"{100 * v:.1f}"  # noqa: E731
     print("  ".join(f"{c:>7}" for c in (*cols, "n")))
@@ -384,7 +385,7 @@ def _eval_captioning(task: str, args: argparse.Namespace) -> int:
     if report.get("caption_metrics_error"):
         print(f"METEOR/CIDEr not computed: {report['caption_metrics_error']}")
     if task == "gcg":
-        print(f"mask recall text encoder: {report['recall_text_encoder'] or 'none (pass --text-encoder DIR)'}")
+        print(f"mask recall text encoder: {report['recall_text_encoder'] or 'none (pass --text-encoder DIR or words)'}")
     if args.out:
         print(f"wrote {Path(args.out) / 'report.json'}")
     return 0

@@ -248,3 +248,26 @@ def test_caption_metrics_unavailable_is_reported_not_raised(monkeypatch):
     rep = _caption_report({1: ["a dog"]}, {1: "a dog"})
     assert rep["METEOR"] is None and rep["CIDEr"] is None
     assert "need Java on the PATH" in rep["caption_metrics_error"]
+
+
+def test_word_overlap_similarity_hand_values():
+    from groundseg.eval.gcg import WordOverlap, text_encoder_for
+
+    sim = WordOverlap.similarity
+    assert sim("a red circle", "A red circle") == pytest.approx(1.0)
+    assert sim("a red circle", "a red square") == pytest.approx(2 / 3)
+    assert sim("a red circle", "a blue square") == pytest.approx(1 / 3)
+    # counts, not sets: (1*2) / (sqrt(1) * sqrt(4))
+    assert sim("red", "red red") == pytest.approx(1.0)
+    assert sim("red blue", "red red") == pytest.approx(2 / (np.sqrt(2) * 2))
+    assert sim("", "a red circle") == 0.0
+    assert text_encoder_for(None) is None
+    assert "words" in text_encoder_for("words").path
+
+
+def test_regcap_exact_match_ignores_case_and_punctuation():
+    from groundseg.eval.gcg import exact_match
+
+    gts = {1: ["a large purple star"], 2: ["a small red circle", "the red circle"], 3: ["a blue square"]}
+    preds = {1: "A large purple star.", 2: "the red  circle", 3: "a blue star"}
+    assert exact_match(gts, preds) == pytest.approx(2 / 3)

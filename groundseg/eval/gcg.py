@@ -272,8 +272,31 @@ class TextEncoder:
         return float(x @ y / denom) if denom else 0.0
 
 
+class WordOverlap:
+    """An offline stand-in for the text encoder (``--text-encoder words``): cosine of the two phrases' lower-cased
+    word counts. "a red circle" / "a red circle" = 1, "a red circle" / "a red square" = 0.67, "a red circle" /
+    "a blue square" = 0.33. Not the official measure (bert-base-uncased), so the report names it."""
+
+    path = "words (bag-of-words cosine; officially bert-base-uncased)"
+
+    @staticmethod
+    def similarity(a: str, b: str) -> float:
+        from collections import Counter
+
+        x, y = Counter(re.findall(r"[a-z0-9]+", a.lower())), Counter(re.findall(r"[a-z0-9]+", b.lower()))
+        denom = float(np.sqrt(sum(v * v for v in x.values()) * sum(v * v for v in y.values())))
+        return sum(x[w] * y[w] for w in x) / denom if denom else 0.0
+
+
+def text_encoder_for(spec: str | None):
+    """``--text-encoder``: a transformers encoder folder, ``words`` (:class:`WordOverlap`), or None (no recall)."""
+    if not spec:
+        return None
+    return WordOverlap() if spec == "words" else TextEncoder(spec)
+
+
 def score_gcg(images: list[GcgImage], gt_dict: dict, predictions: dict[Any, dict],
-              text_encoder: TextEncoder | None) -> dict[str, Any]:
+              text_encoder: TextEncoder | WordOverlap | None) -> dict[str, Any]:
     """All GCG metrics over ``images``; ``predictions[image_id]`` = ``{"caption", "phrases", "pred_masks"}``."""
     mious, tp, positives, per_image = [], 0, 0, []
     for g in images:
@@ -359,7 +382,7 @@ def evaluate_gcg(model, data_root: str, split: str = "val", image_dir: str | Non
     images, gt = load_gcg_split(data_root, split, limit)
     root = Path(data_root)
     paths = {g.image_id: find_image(root, image_dir, g.file_name) for g in images}
-    encoder = TextEncoder(text_encoder) if text_encoder else None
+    encoder = text_encoder_for(text_encoder)
     if not getattr(model.config, "gcg_prompt", None):
         raise InputError(f"eval gcg: the {model.family} family has no grounded conversation generation; use a GLaMM "
                          "model")
@@ -413,6 +436,15 @@ def load_regcap(path: str | Path, limit: int | None = None) -> list[RegionSample
     return out[:limit] if limit else out
 
 
+def exact_match(gts: dict[Any, list[str]], preds: dict[Any, str]) -> float:
+    """Share of regions whose caption equals one of its references, ignoring case and punctuation (a stricter
+    companion to METEOR/CIDEr: on the shapes world it means size, colour and shape all named right)."""
+    norm = lambda t: " ".join(re.findall(r"[a-z0-9]+", t.lower()))  # noqa: E731
+    if not gts:
+        return float("nan")
+    return sum(any(norm(preds[k]) == norm(c) for c in caps) for k, caps in gts.items()) / len(gts)
+
+
 def evaluate_regcap(model, data_root: str, split: str = "val", dataset: str | None = None,
                     image_dir: str | None = None, limit: int | None = None, out: str | None = None,
                     resume: bool = False, progress: bool = True, model_name: str | None = None,
@@ -437,6 +469,8 @@ def evaluate_regcap(model, data_root: str, split: str = "val", dataset: str | No
     run = {"task": "regcap", "annotations": str(path.resolve()), "limit": limit, "model": model_name}
     preds = _run(out, run, resume, samples, lambda s: s.key, predict, progress, "regcap")
     report = {"task": "regcap", "annotations": str(path), "model": model_name, "num_regions": len(samples),
+              "exact_match": exact_match({s.key: s.captions for s in samples},
+                                         {s.key: preds[s.key]["caption"] for s in samples}),
               **_caption_report({s.key: s.captions for s in samples}, {s.key: preds[s.key]["caption"]
                                                                       for s in samples}),
               "seconds": clock()}
