@@ -371,23 +371,33 @@ class Sam2Config:
     resize: str = "bicubic"
 
 
+def sam2_small_overrides(embed: int = 8, d_model: int = 32, mem_dim: int = 16, heads: int = 1) -> list[str]:
+    """Hydra overrides on ``configs/sam2/sam2_hiera_t.yaml`` for a small SAM2: a 4-stage Hiera of width ``embed``
+    (blocks 1, 1, 2, 1; one global-attention block), an FPN neck, 2-layer memory attention and the prompt/mask heads
+    of width ``d_model``, memories of ``mem_dim`` channels."""
+    m = "++model."
+    tr, ma, me = m + "image_encoder.trunk.", m + "memory_attention.", m + "memory_encoder."
+    chans = [embed * 8, embed * 4, embed * 2, embed]
+    return [
+        tr + f"embed_dim={embed}", tr + f"num_heads={heads}", tr + "stages=[1,1,2,1]", tr + "global_att_blocks=[3]",
+        tr + "window_pos_embed_bkg_spatial_size=[4,4]", tr + "window_spec=[8,4,4,4]",
+        m + f"image_encoder.neck.d_model={d_model}",
+        m + f"image_encoder.neck.backbone_channel_list=[{','.join(map(str, chans))}]",
+        m + f"image_encoder.neck.position_encoding.num_pos_feats={d_model}",
+        ma + f"d_model={d_model}", ma + "num_layers=2", ma + f"layer.d_model={d_model}",
+        ma + f"layer.dim_feedforward={2 * d_model}",
+        ma + f"layer.self_attention.embedding_dim={d_model}", ma + "layer.self_attention.feat_sizes=[32,32]",
+        ma + f"layer.cross_attention.embedding_dim={d_model}", ma + "layer.cross_attention.feat_sizes=[32,32]",
+        ma + f"layer.cross_attention.kv_in_dim={mem_dim}",
+        me + f"out_dim={mem_dim}", me + f"in_dim={d_model}", me + f"position_encoding.num_pos_feats={mem_dim}",
+        me + f"mask_downsampler.embed_dim={d_model}", me + f"fuser.layer.dim={d_model}",
+    ]
+
+
 def sam2_tiny_overrides() -> list[str]:
     """Hydra overrides on ``configs/sam2/sam2_hiera_t.yaml`` giving the SAM2 of the Sa2VA tiny parity fixture
     (Hiera embed 8, d_model 32, memory 16 channels); the input stays 1024 as in every release."""
-    m = "++model."
-    tr, ma, me = m + "image_encoder.trunk.", m + "memory_attention.", m + "memory_encoder."
-    return [
-        tr + "embed_dim=8", tr + "num_heads=1", tr + "stages=[1,1,2,1]", tr + "global_att_blocks=[3]",
-        tr + "window_pos_embed_bkg_spatial_size=[4,4]", tr + "window_spec=[8,4,4,4]",
-        m + "image_encoder.neck.d_model=32", m + "image_encoder.neck.backbone_channel_list=[64,32,16,8]",
-        m + "image_encoder.neck.position_encoding.num_pos_feats=32",
-        ma + "d_model=32", ma + "num_layers=2", ma + "layer.d_model=32", ma + "layer.dim_feedforward=64",
-        ma + "layer.self_attention.embedding_dim=32", ma + "layer.self_attention.feat_sizes=[32,32]",
-        ma + "layer.cross_attention.embedding_dim=32", ma + "layer.cross_attention.feat_sizes=[32,32]",
-        ma + "layer.cross_attention.kv_in_dim=16",
-        me + "out_dim=16", me + "in_dim=32", me + "position_encoding.num_pos_feats=16",
-        me + "mask_downsampler.embed_dim=32", me + "fuser.layer.dim=32",
-    ]
+    return sam2_small_overrides(8, 32, 16, 1)
 
 
 @dataclass
@@ -403,6 +413,13 @@ class Sa2VALossConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     objects_per_frame: int = 5  # check_obj_number(fix_number=5): repeat or subsample each sample's objects
+    # Train SAM2's video path too (not in Sa2VA, whose SAM2 comes pretrained): each sample's key frames are
+    # prompted with its [SEG] states, every other frame is tracked through SAM2's memory, and every frame's masks
+    # are supervised (all candidate masks, plus the predicted IoU and the object-presence score). For SAM2s trained
+    # from scratch (sa2va-shapes), whose memory has learnt nothing.
+    track_memory: bool = False
+    iou_weight: float = 1.0  # track_memory: MSE of the predicted IoU of each candidate mask against its real IoU
+    object_weight: float = 1.0  # track_memory: BCE of SAM2's object score against "the object is in the frame"
 
 
 @dataclass
@@ -488,4 +505,22 @@ def _sa2va_tiny() -> Sa2VAConfig:
                                        sam2_tiny_overrides() + ["++model.image_size=256"]), out_dim=32)
 
 
-SA2VA_PRESETS = {"sa2va-4b": _sa2va_4b, "sa2va-tiny": _sa2va_tiny}
+def _sa2va_shapes() -> Sa2VAConfig:
+    # Sa2VA at a size that trains from scratch on the shapes world's videos (groundseg train --preset
+    # sa2va-shapes): InternViT of 224-pixel frames (64 tokens each after the pixel shuffle), a 3-layer Qwen2 with
+    # tied embeddings (it must copy the name it is asked about), a small SAM2 on 256-pixel frames (16x16
+    # embedding, 64x64 masks) whose memory is trained too (losses.track_memory). Key frames: 5 uniformly spaced
+    # (the released first-5 rule sees too little motion in a 16-frame clip to tell "moving left" from "right").
+    llm = _qwen2(0, 192, 512, 3, 4, 4, max_position_embeddings=1024)
+    llm["tie_word_embeddings"] = True
+    vision = _internvit(128, 512, 3, 4)
+    vision["image_size"] = 224
+    return Sa2VAConfig(preset="sa2va-shapes", vision=vision, llm=llm,
+                       sam2=Sam2Config("configs/sam2/sam2_hiera_t.yaml",
+                                       sam2_small_overrides(24, 64, 32, 1) + ["++model.image_size=256"]),
+                       out_dim=64, max_dynamic_patch=1, use_thumbnail=False, key_frames="uniform",
+                       answer_template="Sure, {} [SEG].",
+                       losses=Sa2VALossConfig(num_points=0, track_memory=True))
+
+
+SA2VA_PRESETS = {"sa2va-4b": _sa2va_4b, "sa2va-tiny": _sa2va_tiny, "sa2va-shapes": _sa2va_shapes}

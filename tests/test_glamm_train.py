@@ -85,3 +85,31 @@ def test_lisa_refuses_region_batches(samples):
     batch = Collator(m.config, m.tokenizer)([s for s in samples if s.task == "regcap"][:1])
     with pytest.raises(InputError, match="lisa family has no region encoder"):
         m(batch)
+
+
+def test_init_from_copies_the_shared_tensors_and_keeps_the_region_encoder(tmp_path):
+    # A trained LISA of the same sizes starts a GLaMM: every tensor both have is copied, the region encoder keeps
+    # its seeded initial values; a model with nothing in common is a one-line error.
+    import torch
+
+    from groundseg.hub import load_model, save_pretrained
+    from groundseg.io import InputError
+    from groundseg.train.trainer import TrainConfig, build_for_training, init_weights
+
+    lisa = load_model("lisa-tiny")
+    with torch.no_grad():
+        for p in lisa.parameters():
+            p.add_(0.5)  # differs from every seeded initialisation
+    save_pretrained(lisa, tmp_path / "lisa")
+    fresh, _ = build_for_training(TrainConfig(model="glamm-tiny", from_scratch=True, lora=False, train_all=True))
+    model, _ = build_for_training(TrainConfig(model="glamm-tiny", from_scratch=True, lora=False, train_all=True,
+                                              init_from=str(tmp_path / "lisa")))
+    ours, src, init = model.state_dict(), lisa.state_dict(), fresh.state_dict()
+    shared = [k for k in ours if k in src and ours[k].shape == src[k].shape]
+    assert len(shared) > 100
+    for k in ours:  # copied where name and shape agree, seeded initial values elsewhere
+        assert torch.equal(ours[k], src[k] if k in shared else init[k]), k
+    region = [k for k in ours if k.startswith("region_encoder.")]
+    assert region and all(torch.equal(ours[k], init[k]) for k in region)
+    with pytest.raises(InputError, match="no tensor of it matches"):
+        init_weights(load_model("sa2va-tiny"), str(tmp_path / "lisa"))

@@ -3,7 +3,10 @@ frozen parts get none) and a few steps on one batch lower the loss."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from groundseg.grounding.sa2va import Sa2VASample
@@ -52,3 +55,129 @@ def test_a_few_steps_on_shapes_videos_lower_the_loss():
         losses.append(float(out["loss"].detach()))
     assert losses[-1] < 0.8 * losses[0], losses
     assert {"ce_loss", "mask_bce_loss", "mask_dice_loss"} <= set(out)
+
+
+def _memory_model():
+    from groundseg.hub import load_model
+
+    torch.manual_seed(0)
+    model = load_model("sa2va-tiny")
+    model.config.losses.track_memory = True
+    model.config.key_frames, model.config.num_key_frames = "first", 1
+    return model
+
+
+def test_memory_training_losses_match_an_independent_computation_and_reach_the_memory():
+    # track_memory: key frame prompted, the other frames tracked through SAM2's memory; every frame supervised.
+    # The losses are recomputed here from the returned frame outputs, and the gradient reaches the memory
+    # attention and the memory encoder (which only the tracked frames use).
+    import torch.nn.functional as F
+
+    from groundseg.datasets.shapes import ShapesWorld
+
+    model = _memory_model()
+    world = ShapesWorld(seed=11, image_size=64)
+    a, b = _video_sample(world, 0, frames=(0, 1, 2)), _video_sample(world, 1, frames=(0, 1, 2))
+    image = Sa2VASample([world.image(0).image], [("<image>\nPlease segment it.", "Sure, [SEG].")],
+                        world.image(0).objects[0].mask[None, None], video=False)
+    batch = model.collate([a, image, b])
+    model.train()
+    out = model(batch)
+    lc = model.config.losses
+    groups = out["tracked"]
+    assert [len(outs) for outs, _ in groups] == [1, 3]  # the image alone, then the two 3-frame videos together
+    bce = dice = iou = obj = 0.0
+    n = 0
+    for outs, gt in groups:
+        for t, fo in outs.items():
+            assert fo.conditioning == (t == 0)
+            pred = fo.multimasks.float().detach()
+            target = gt[t].expand_as(pred)
+            bce += float(F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean((-2, -1)).mean(1).sum())
+            p = pred.sigmoid().flatten(2)
+            d = 1 - (2 * (p * target.flatten(2)).sum(-1) + lc.dice_eps) / (p.sum(-1) + target.flatten(2).sum(-1)
+                                                                         + lc.dice_eps)
+            dice += float(d.mean(1).sum())
+            hard, ref = pred > 0, target > 0
+            inter, union = (hard & ref).sum((-2, -1)).float(), (hard | ref).sum((-2, -1)).float()
+            real = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+            iou += float(((fo.ious.float().detach() - real) ** 2).mean(1).sum())
+            vis = ref[:, 0].flatten(1).any(1).float()
+            obj += float(F.binary_cross_entropy_with_logits(fo.object_score_logits.float().detach()[:, 0], vis,
+                                                            reduction="sum"))
+            n += len(pred)
+    assert n == 1 + 2 * 3
+    assert float(out["mask_bce_loss"]) == pytest.approx(bce / n * lc.bce_weight, rel=1e-4)
+    assert float(out["mask_dice_loss"]) == pytest.approx(dice / n * lc.dice_weight, rel=1e-4)
+    assert float(out["iou_loss"]) == pytest.approx(iou / n * lc.iou_weight, rel=1e-4)
+    assert float(out["object_loss"]) == pytest.approx(obj / n * lc.object_weight, rel=1e-4)
+    out["loss"].backward()
+    sam = model.grounding_encoder.sam2_model
+    assert sum(float(p.grad.abs().sum()) for p in sam.memory_attention.parameters() if p.grad is not None) > 0
+    assert sum(float(p.grad.abs().sum()) for p in sam.memory_encoder.parameters() if p.grad is not None) > 0
+
+
+def test_memory_training_rows_read_their_own_videos():
+    # Two videos tracked together give each row the masks it would get alone (rows never mix frames).
+    from groundseg.datasets.shapes import ShapesWorld
+
+    model = _memory_model().eval()  # no dropout: equal inputs give equal outputs
+    world = ShapesWorld(seed=11, image_size=64)
+    a, b = _video_sample(world, 0, frames=(0, 1, 2)), _video_sample(world, 1, frames=(0, 1, 2))
+    together = model(model.collate([a, b]))["tracked"][0][0]
+    alone = model(model.collate([b]))["tracked"][0][0]
+    for t in range(3):
+        torch.testing.assert_close(together[t].multimasks[1:], alone[t].multimasks, atol=1e-4, rtol=1e-4)
+
+
+def test_shapes_video_samples_and_the_picklable_collator():
+    import pickle
+
+    from groundseg.grounding.sa2va import Sa2VACollator
+    from groundseg.train.data import ShapesSource, video_answer
+
+    src = ShapesSource(seed=3, image_size=64, tasks={"video": 1}, video_frames=5)
+    s = src.sample(np.random.default_rng(0))
+    assert s.task == "video" and len(s.frames) == 5 and s.masks.shape == (1, 5, 64, 64)
+    assert s.image is s.frames[0]
+    q, a = s.conversations[0]
+    assert q.startswith("<image>\nPlease segment ") and a.startswith("Sure, the ") and a.endswith(" [SEG].")
+    assert a == video_answer(a[len("Sure, "):-len(" [SEG].")])
+    model = _memory_model()
+    collator = pickle.loads(pickle.dumps(model.collator()))  # DataLoader workers get a copy
+    assert isinstance(collator, Sa2VACollator)
+    batch = collator([s])
+    assert batch.gt_masks[0].shape == (5, 1, 64, 64)
+    assert torch.equal(batch.gt_masks[0][:, 0], torch.from_numpy(s.masks[0]))
+    assert batch.sam_pixel_values.shape[0] == 5
+    ref = model.collate([Sa2VASample(s.frames, s.conversations, s.masks.transpose(1, 0, 2, 3), video=True)])
+    assert torch.equal(batch.input_ids, ref.input_ids) and torch.equal(batch.pixel_values, ref.pixel_values)
+    # a LISA collator refuses video samples with a clear message
+    from groundseg.io import InputError
+    from groundseg.hub import load_model
+    from groundseg.train.data import Collator
+
+    lisa = load_model("lisa-tiny")
+    with pytest.raises(InputError, match="need a video model"):
+        Collator(lisa.config, lisa.tokenizer)([s])
+
+
+def test_groundseg_train_runs_sa2va_on_shapes_videos_and_exports(tmp_path):
+    # The trainer with a Sa2VA preset: video samples through the Sa2VA collator, memory training, LoRA merged
+    # (on the language model), export in our format, and the exported model loads and tracks.
+    from groundseg.hub import load_model
+    from groundseg.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), model="sa2va-tiny", from_scratch=True, dataset="shapes",
+                      shapes_tasks={"video": 3, "refer": 1}, shapes_max_expressions=1, shapes_video_frames=3,
+                      shapes_image_size=64, steps=2, batch_size=2, lr=1e-3, warmup_steps=1, attribute_weight=0.0,
+                      lora=True, trainable=["text_hidden_fcs", "sam_mask_decoder"], save_every=2, progress=False)
+    out = train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]  # logged every 10 steps and at the last
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    model = load_model(out / "final")
+    assert model.family == "sa2va" and not any("lora_" in k for k in model.state_dict())
+    world_frames = [np.zeros((48, 64, 3), np.uint8) + 40 * k for k in range(3)]
+    frames = list(model.track(world_frames, ["the red circle"], answer="Sure, [SEG]."))
+    assert len(frames) == 3 and frames[0].logits.shape == (1, 48, 64)

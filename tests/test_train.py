@@ -343,3 +343,45 @@ def test_attribute_probes_train_and_stay_out_of_the_export(tmp_path, small_shape
         keys = list(f.keys())
     assert keys and not any("probes" in k for k in keys) and not any(k.startswith("model.") for k in keys)
     load_model(out / "final")
+
+
+def test_crop_grid_labels_take_patch_centres_of_the_centre_square():
+    from groundseg.train.data import crop_grid_labels
+
+    amap = np.arange(24, dtype=np.uint8).reshape(1, 4, 6)
+    # the tower sees columns 1..4 (centre 4x4 square); 2x2 patches of 2 px, centres at rows 1, 3 and cols 2, 4
+    out = crop_grid_labels(amap, 2)
+    assert out.dtype == np.int64 and out.tolist() == [[[8, 10], [20, 22]]]
+
+
+def test_token_probe_is_opt_in_and_sees_the_image_tokens(tmp_path):
+    # Without --token-attribute-weight the probed model is built exactly as before (shapes-demo's recipe draws the
+    # same random numbers); with it, the loss grows by the CE of the LLM's image tokens, computed here by hand
+    # with the probe set to predict uniformly.
+    from groundseg import load_model
+    from groundseg.train.data import Collator, ShapesSource
+    from groundseg.train.probes import ProbedModel
+
+    model = load_model("lisa-tiny")
+    torch.manual_seed(0)
+    plain = ProbedModel(model, 1.0)
+    after_plain = torch.rand(1)
+    torch.manual_seed(0)
+    ProbedModel(model, 1.0, 0.0)
+    assert torch.equal(torch.rand(1), after_plain) and not hasattr(plain, "token_probe")
+    probed = ProbedModel(model, 1.0, 0.5)
+    probed.probes.load_state_dict(plain.probes.state_dict())  # the same two original probes
+    torch.nn.init.zeros_(probed.token_probe.weight)
+    torch.nn.init.zeros_(probed.token_probe.bias)
+    src = ShapesSource(seed=1, image_size=64, tasks={"refer": 1})
+    batch = Collator(model.config, model.tokenizer)([src.sample(np.random.default_rng(k)) for k in range(2)])
+    g = model.config.vision.image_size // model.config.vision.clip["patch_size"]
+    assert batch.token_attribute_maps.shape == (2, 3, g, g)
+    torch.manual_seed(1)
+    base = plain(batch)
+    torch.manual_seed(1)
+    out = probed(batch)
+    import math
+
+    expected = 0.5 * (2 * math.log(7) + math.log(3))  # uniform logits: log of each head's class count
+    assert float(out["attr_loss"] - base["attr_loss"]) == pytest.approx(expected, rel=1e-5)

@@ -61,6 +61,16 @@ def build_sam2_model(cfg: Sam2Config, device: str | torch.device | None = None):
     return model.eval()
 
 
+def sam2_preprocess(rgb: np.ndarray, size: int, resize: str, mean: tuple, std: tuple) -> torch.Tensor:
+    """:meth:`Sam2Decoder.preprocess` without a model (DataLoader workers collate with it)."""
+    filt = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[resize]
+    arr = np.asarray(Image.fromarray(rgb).resize((size, size), filt), dtype=np.float32) / 255.0
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / sd
+
+
 # ----------------------------------------------------------------------------------------------- outputs
 
 @dataclass
@@ -79,6 +89,24 @@ class Sam2Features:
     def high_res(self) -> list[torch.Tensor]:
         return [x.permute(1, 2, 0).reshape(x.shape[1], x.shape[2], *s)
                 for x, s in zip(self.vision_feats[:-1], self.feat_sizes[:-1])]
+
+    @property
+    def batch(self) -> int:
+        return int(self.vision_feats[-1].shape[1])
+
+    def select(self, rows) -> "Sam2Features":
+        """Batch entries ``rows`` (e.g. each tracked object's own frame when objects come from different videos)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.vision_feats[-1].device)
+        return Sam2Features([x[:, rows] for x in self.vision_feats], [x[:, rows] for x in self.vision_pos],
+                            self.feat_sizes, [x[rows] for x in self.backbone_fpn])
+
+    def for_objects(self, n: int) -> "Sam2Features":
+        """Features for ``n`` objects: as they are when already batched per object, else one frame repeated."""
+        if self.batch == n:
+            return self
+        if self.batch != 1:
+            raise ValueError(f"features of batch {self.batch} for {n} objects")
+        return self.repeat(n)
 
     def repeat(self, n: int) -> "Sam2Features":
         """The same features for ``n`` objects (batch dimension repeated)."""
@@ -117,6 +145,7 @@ class FrameOutput:
     ious: torch.Tensor
     object_score_logits: torch.Tensor
     conditioning: bool
+    multimasks: torch.Tensor | None = None  # (N, M, 4h, 4w) every candidate mask (training's losses use them)
 
 
 @dataclass
@@ -179,13 +208,8 @@ class Sam2Decoder(nn.Module):
         """(H, W, 3) uint8 RGB -> (3, S, S) float32: resized to S x S ignoring the aspect ratio (as Sa2VA and
         SAM2's video predictor do), /255, then mean/std (the config's unless given: Sa2VA's training code uses
         the exact ImageNet values where its inference code uses bf16-rounded ones)."""
-        s = self.image_size
-        filt = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[self.cfg.resize]
-        arr = np.asarray(Image.fromarray(rgb).resize((s, s), filt), dtype=np.float32) / 255.0
-        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-        m = torch.tensor(mean if mean is not None else self.cfg.pixel_mean, dtype=torch.float32).view(3, 1, 1)
-        sd = torch.tensor(std if std is not None else self.cfg.pixel_std, dtype=torch.float32).view(3, 1, 1)
-        return (x - m) / sd
+        return sam2_preprocess(rgb, self.image_size, self.cfg.resize, mean if mean is not None else self.cfg.pixel_mean,
+                               std if std is not None else self.cfg.pixel_std)
 
     def encode(self, pixel_values: torch.Tensor) -> Sam2Features:
         """(1, 3, S, S) -> the frame's features (trunk, FPN neck, ``conv_s0``/``conv_s1``)."""
@@ -328,18 +352,19 @@ class Sam2Decoder(nn.Module):
     def add_condition(self, memory: VideoMemory, frame_idx: int, features: Sam2Features,
                       language: torch.Tensor) -> FrameOutput:
         """Prompt frame ``frame_idx`` with one language embedding per object ((N, C), N = the memory's objects)
-        as an initial conditioning frame, and store its memory. Sa2VA does this for each key frame before
+        as an initial conditioning frame, and store its memory. ``features`` are one frame's (batch 1) or one
+        per object (batch N: objects of different videos tracked together, as training does). Sa2VA does this for each key frame before
         propagating."""
         n = memory.num_objects
         if language.shape[0] != n:
             raise ValueError(f"{language.shape[0]} language prompts for a memory of {n} objects")
-        f = features.repeat(n)
+        f = features.for_objects(n)
         out = self.heads(self._unconditioned(f), f.high_res, language=language, multimask=True)
         feats, pos = self._encode_memory(f, out.low_res_masks, out.object_score_logits, from_points=True)
         memory.cond[frame_idx] = {"maskmem_features": feats, "maskmem_pos_enc": pos, "obj_ptr": out.obj_ptr,
                                   "low_res_masks": out.low_res_masks, "ious": out.ious,
                                   "object_score_logits": out.object_score_logits}
-        return FrameOutput(frame_idx, out.low_res_masks, out.ious, out.object_score_logits, True)
+        return FrameOutput(frame_idx, out.low_res_masks, out.ious, out.object_score_logits, True, out.multimasks)
 
     def track(self, memory: VideoMemory, frame_idx: int, features: Sam2Features,
               capture: dict | None = None) -> FrameOutput:
@@ -352,7 +377,7 @@ class Sam2Decoder(nn.Module):
         if not memory.cond:
             raise ValueError("track() needs at least one conditioning frame (add_condition first)")
         m = self.sam2_model
-        f = features.repeat(memory.num_objects)
+        f = features.for_objects(memory.num_objects)
         pix = m._prepare_memory_conditioned_features(
             frame_idx=frame_idx, is_init_cond_frame=False, current_vision_feats=f.vision_feats[-1:],
             current_vision_pos_embeds=f.vision_pos[-1:], feat_sizes=f.feat_sizes[-1:],
@@ -362,7 +387,7 @@ class Sam2Decoder(nn.Module):
         out = self.heads(pix, f.high_res, multimask=m.multimask_output_in_sam and m.multimask_output_for_tracking)
         feats, pos = self._encode_memory(f, out.low_res_masks, out.object_score_logits, from_points=False)
         memory.add_tracked(frame_idx, {"maskmem_features": feats, "maskmem_pos_enc": pos, "obj_ptr": out.obj_ptr})
-        return FrameOutput(frame_idx, out.low_res_masks, out.ious, out.object_score_logits, False)
+        return FrameOutput(frame_idx, out.low_res_masks, out.ious, out.object_score_logits, False, out.multimasks)
 
     def propagate(self, memory: VideoMemory, frames: Iterable[tuple[int, torch.Tensor]]) -> Iterator[FrameOutput]:
         """Track through ``frames`` ((index, (1, 3, S, S) preprocessed pixels), in increasing index order),

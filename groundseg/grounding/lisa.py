@@ -68,6 +68,7 @@ class LisaBatch:
     # SAM's low-resolution grid and (n_masks, 3) the classes of each mask's object.
     attribute_maps: torch.Tensor | None = None
     mask_attributes: torch.Tensor | None = None
+    token_attribute_maps: torch.Tensor | None = None  # (B, 3, g, g) on the vision tower's patch grid
     tasks: list[str] | None = None
 
 
@@ -312,7 +313,8 @@ class LisaModel(nn.Module):
                 raise ValueError("a batch without SAM inputs has [SEG] tokens in its conversations")
             zero = ce.new_zeros(())
             return {"loss": ce, "ce_loss": ce, "mask_bce_loss": zero, "mask_dice_loss": zero, "mask_loss": zero,
-                    "pred_masks": [], "sam_embeddings": None, "seg_prompts": ce.new_zeros(0, self.config.out_dim)}
+                    "pred_masks": [], "sam_embeddings": None, "seg_prompts": ce.new_zeros(0, self.config.out_dim),
+                    "image_tokens": feats}
         with torch.no_grad() if not any(p.requires_grad for p in self.sam.sam.image_encoder.parameters()) \
                 else torch.enable_grad():
             sam_emb = self.sam.encode(batch.sam_pixel_values.to(dev))
@@ -328,7 +330,7 @@ class LisaModel(nn.Module):
         bce, dice = mask_losses(pred_masks, [g.to(dev) for g in batch.gt_masks], self.config.losses)
         mask_loss = bce + dice
         return {"loss": ce + mask_loss, "ce_loss": ce, "mask_bce_loss": bce, "mask_dice_loss": dice,
-                "mask_loss": mask_loss, "pred_masks": pred_masks, "sam_embeddings": sam_emb,
+                "mask_loss": mask_loss, "pred_masks": pred_masks, "sam_embeddings": sam_emb, "image_tokens": feats,
                 "seg_prompts": torch.cat(prompts) if prompts else sam_emb.new_zeros(0, self.config.out_dim)}
 
 

@@ -260,37 +260,12 @@ class Sa2VAModel(nn.Module):
         return ids, labels
 
     def collate(self, samples: Sequence["Sa2VASample"]) -> "Sa2VABatch":
-        """Training samples -> a right-padded :class:`Sa2VABatch` (pad id 0, label -100, as Sa2VA's collate):
-        MLLM tiles per sample (dynamic tiles for an image, one tile per frame for a video), SAM2 inputs of every
-        frame with the exact ImageNet statistics (Sa2VA's training code; its inference code rounds them to bf16)."""
-        from ..config import IMAGENET_MEAN, IMAGENET_STD
+        """Training samples -> a right-padded :class:`Sa2VABatch` (see :class:`Sa2VACollator`)."""
+        return self.collator()(samples)
 
-        rows, pixel_values, sam_pixels, gts = [], [], [], []
-        for s in samples:
-            if s.video:
-                tiles = self.frame_pixel_values(s.frames)
-            else:
-                if len(s.frames) != 1:
-                    raise ValueError("an image sample has exactly one frame")
-                tiles = self.image_pixel_values(s.frames[0])
-            rows.append(self.training_ids(s.turns, len(tiles), s.video))
-            pixel_values.append(tiles)
-            sam = self.grounding_encoder
-            sam_pixels += [sam.preprocess(f, IMAGENET_MEAN, IMAGENET_STD) for f in s.frames]
-            gt = torch.as_tensor(np.asarray(s.gt_masks)).bool()
-            if gt.dim() != 4 or gt.shape[0] != len(s.frames):
-                raise ValueError(f"gt_masks must be (frames, objects, H, W) with {len(s.frames)} frames, got "
-                                 f"{tuple(gt.shape)}")
-            gts.append(gt)
-        length = max(len(ids) for ids, _ in rows)
-        input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        attention = torch.zeros(len(rows), length, dtype=torch.bool)
-        for r, (ids, lab) in enumerate(rows):
-            input_ids[r, :len(ids)] = torch.tensor(ids)
-            labels[r, :len(lab)] = torch.tensor(lab)
-            attention[r, :len(ids)] = True
-        return Sa2VABatch(input_ids, labels, attention, torch.cat(pixel_values), torch.stack(sam_pixels), gts)
+    def collator(self) -> "Sa2VACollator":
+        """A picklable collator (config and tokenizer only) for DataLoader workers."""
+        return Sa2VACollator(self.config, self.tokenizer, self.tokens_per_tile, self.grounding_encoder.image_size)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -479,6 +454,8 @@ class Sa2VAModel(nn.Module):
             frame += t_i
         if used != len(seg):
             raise ValueError(f"the batch has {len(seg)} [SEG] tokens but its ground truth {used} objects")
+        if lc.track_memory:
+            return {**out, **self._tracking_losses(batch, seg, ce)}
         if not rows_lang:
             zero = seg.sum() * 0.0
             return {**out, "mask_bce_loss": zero, "mask_dice_loss": zero, "loss": ce + zero}
@@ -520,6 +497,82 @@ class Sa2VAModel(nn.Module):
                 "points": points, "point_preds": pred, "point_targets": target}
 
 
+    def _tracking_losses(self, batch: "Sa2VABatch", seg: torch.Tensor, ce: torch.Tensor) -> dict:
+        """``losses.track_memory``: SAM2's video path, trained. Samples with the same frame count are tracked
+        together, one memory row per object (each row reads its own video's frames): the key frames (the
+        config's rule) are prompted with the object's ``[SEG]`` embedding, then every other frame is tracked in
+        order through the memory, as :meth:`track` does at inference. Every frame is supervised: BCE and Dice on
+        all candidate masks (so whichever the IoU head picks is trained), MSE of the predicted IoUs against the
+        real ones, and BCE of the object score against "visible in this frame"."""
+        from ..train.losses import dice_loss
+
+        lc = self.config.losses
+        sam = self.grounding_encoder
+        dev = self.device
+        first_frame, first_seg = [], []
+        f = o = 0
+        for gt in batch.gt_masks:
+            first_frame.append(f)
+            first_seg.append(o)
+            f += gt.shape[0]
+            o += gt.shape[1]
+        groups: dict[int, list[int]] = {}
+        for i, gt in enumerate(batch.gt_masks):
+            if gt.shape[1]:
+                groups.setdefault(int(gt.shape[0]), []).append(i)
+        bce_sum = dice_sum = iou_sum = obj_sum = seg.sum() * 0.0
+        count = 0
+        tracked = []  # per frame-count group: ({frame: FrameOutput}, (T, rows, 1, h, w) targets), for inspection
+        for t_count, members in sorted(groups.items()):
+            # rows: (sample, object); frame t of row r is sam_pixel_values[first_frame[sample] + t]
+            rows = [(i, j) for i in members for j in range(batch.gt_masks[i].shape[1])]
+            lang = seg[torch.tensor([first_seg[i] + j for i, j in rows], device=seg.device)]
+            frame_ids = torch.tensor([first_frame[i] for i in members])[:, None] + torch.arange(t_count)
+            feats = sam.encode(batch.sam_pixel_values[frame_ids.flatten()].to(dev))  # (members * T) frames
+            member_pos = {i: k for k, i in enumerate(members)}
+            row_pos = torch.tensor([member_pos[i] * t_count for i, _ in rows])
+            keys = select_key_frames(t_count, self.config.key_frames, self.config.num_key_frames)
+            memory = sam.new_memory(len(rows))
+            outs = {}
+            for t in keys:
+                outs[t] = sam.add_condition(memory, t, feats.select(row_pos + t), lang)
+            for t in range(t_count):
+                if t not in outs:
+                    outs[t] = sam.track(memory, t, feats.select(row_pos + t))
+            gt = torch.stack([torch.stack([batch.gt_masks[i][t, j] for i, j in rows]) for t in range(t_count)])
+            size = outs[0].multimasks.shape[-2:]
+            gt = F.interpolate(gt.flatten(0, 1)[:, None].float(), size=size, mode="nearest").view(
+                t_count, len(rows), 1, *size).to(dev)  # (T, rows, 1, h, w)
+            tracked.append((outs, gt))
+            for t in range(t_count):
+                pred = outs[t].multimasks.float()  # (rows, M, h, w)
+                target = gt[t].expand_as(pred)
+                bce_sum = bce_sum + F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(
+                    (-2, -1)).mean(1).sum()
+                dice_sum = dice_sum + dice_loss(pred.flatten(0, 1), target.flatten(0, 1), scale=1.0,
+                                                eps=lc.dice_eps).view(pred.shape[:2]).mean(1).sum()
+                with torch.no_grad():
+                    hard = pred > 0
+                    inter = (hard & (target > 0)).sum((-2, -1)).float()
+                    union = (hard | (target > 0)).sum((-2, -1)).float()
+                    real_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+                iou_sum = iou_sum + F.mse_loss(outs[t].ious.float(), real_iou, reduction="none").mean(1).sum()
+                visible = (gt[t].flatten(1) > 0).any(1).float()
+                obj_sum = obj_sum + F.binary_cross_entropy_with_logits(
+                    outs[t].object_score_logits.float()[:, 0], visible, reduction="sum")
+                count += len(rows)
+        if not count:
+            zero = seg.sum() * 0.0
+            return {"mask_bce_loss": zero, "mask_dice_loss": zero, "iou_loss": zero, "object_loss": zero,
+                    "loss": ce + zero}
+        bce = bce_sum / count * lc.bce_weight
+        dice = dice_sum / count * lc.dice_weight
+        iou = iou_sum / count * lc.iou_weight
+        obj = obj_sum / count * lc.object_weight
+        return {"mask_bce_loss": bce, "mask_dice_loss": dice, "iou_loss": iou, "object_loss": obj,
+                "loss": ce + bce + dice + iou + obj, "tracked": tracked}
+
+
 # ------------------------------------------------------------------------------------------- training
 
 @dataclass
@@ -547,6 +600,64 @@ class Sa2VASample:
     turns: list
     gt_masks: object
     video: bool = False
+
+
+class Sa2VACollator:
+    """Samples -> a right-padded :class:`Sa2VABatch` (pad id 0, label -100, as Sa2VA's collate): MLLM tiles per
+    sample (dynamic tiles for an image, one tile per frame for a video), SAM2 inputs of every frame with the exact
+    ImageNet statistics (Sa2VA's training code; its inference code rounds them to bf16). Takes
+    :class:`Sa2VASample` or the trainer's :class:`~groundseg.train.data.TrainSample` (its ``frames`` make it a
+    video). Holds the config and tokenizer only, so DataLoader workers can run it."""
+
+    def __init__(self, config: Sa2VAConfig, tokenizer, tokens_per_tile: int, sam_image_size: int):
+        self.config, self.tokenizer = config, tokenizer
+        self.tokens_per_tile, self.sam_image_size = tokens_per_tile, sam_image_size
+
+    encode_text = Sa2VAModel.encode_text
+    prompt_text = Sa2VAModel.prompt_text
+    training_ids = Sa2VAModel.training_ids
+    image_pixel_values = Sa2VAModel.image_pixel_values
+    frame_pixel_values = Sa2VAModel.frame_pixel_values
+
+    @staticmethod
+    def as_sa2va(s) -> "Sa2VASample":
+        if isinstance(s, Sa2VASample):
+            return s
+        masks = np.asarray(s.masks, dtype=bool)
+        if s.frames is not None:  # (n, T, H, W) -> (T, n, H, W)
+            return Sa2VASample(list(s.frames), list(s.conversations), masks.transpose(1, 0, 2, 3), video=True)
+        return Sa2VASample([s.image], list(s.conversations), masks[None], video=False)
+
+    def __call__(self, samples: Sequence) -> "Sa2VABatch":
+        from ..config import IMAGENET_MEAN, IMAGENET_STD
+        from ..decoders.sam2 import sam2_preprocess
+
+        rows, pixel_values, sam_pixels, gts = [], [], [], []
+        for s in map(self.as_sa2va, samples):
+            if s.video:
+                tiles = self.frame_pixel_values(s.frames)
+            else:
+                if len(s.frames) != 1:
+                    raise ValueError("an image sample has exactly one frame")
+                tiles = self.image_pixel_values(s.frames[0])
+            rows.append(self.training_ids(s.turns, len(tiles), s.video))
+            pixel_values.append(tiles)
+            sam_pixels += [sam2_preprocess(f, self.sam_image_size, self.config.sam2.resize, IMAGENET_MEAN,
+                                           IMAGENET_STD) for f in s.frames]
+            gt = torch.as_tensor(np.asarray(s.gt_masks)).bool()
+            if gt.dim() != 4 or gt.shape[0] != len(s.frames):
+                raise ValueError(f"gt_masks must be (frames, objects, H, W) with {len(s.frames)} frames, got "
+                                 f"{tuple(gt.shape)}")
+            gts.append(gt)
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        attention = torch.zeros(len(rows), length, dtype=torch.bool)
+        for r, (ids, lab) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            labels[r, :len(lab)] = torch.tensor(lab)
+            attention[r, :len(ids)] = True
+        return Sa2VABatch(input_ids, labels, attention, torch.cat(pixel_values), torch.stack(sam_pixels), gts)
 
 
 def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

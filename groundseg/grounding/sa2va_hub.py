@@ -144,6 +144,11 @@ def load_sa2va_preset(name: str, seed: int = 0) -> Sa2VAModel:
         return load_official_sa2va(_download(cfg.checkpoint))
     if (ASSETS / name / "model.safetensors").is_file():
         return load_sa2va_pretrained(ASSETS / name)
+    if name != "sa2va-tiny":  # a from-scratch preset whose trained weights this copy of groundseg lacks
+        import sys
+
+        print(f"note: {name}'s trained weights are not shipped in this version; using seeded random weights "
+              f"(train them with: groundseg train --preset {name})", file=sys.stderr)
     torch.manual_seed(seed)
     return build_sa2va(cfg, load_tokenizer(ASSETS / name))
 
@@ -201,7 +206,43 @@ def train_sa2va_tiny_tokenizer(vocab_size: int = 512):
                                    model_max_length=8192)
 
 
+def train_sa2va_shapes_tokenizer(vocab_size: int = 640):
+    """The ``sa2va-shapes`` tokenizer: byte-level BPE on what the shapes world says (images and videos, in Sa2VA's
+    prompt wording), Sa2VA's special tokens as above, every object name of the shapes world one token (as in
+    shapes-demo: a from-scratch LLM then only has to copy one token into its answer) and ``[SEG]`` swallowing
+    the space before it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..datasets.shapes import ShapesWorld
+    from ..train.data import video_answer
+    from .sa2va import segment_question
+    from .tiny_tokenizer import shapes_corpus, shapes_name_phrases
+
+    lines = shapes_corpus() + ["user\n", "assistant\n", "Sure, the segmentation result is [SEG]."]
+    world = ShapesWorld(seed=9999)
+    for i in range(300):
+        for e in world.video(i).expressions:
+            lines += [segment_question(e.text).replace("<image>", ""), video_answer(e.text)]
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    tok.decoder = decoders.ByteLevel()
+    special = [t for t in SA2VA_SPECIAL if t != "[SEG]"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=[*special[3:],
+                                                              AddedToken("[SEG]", lstrip=True, normalized=False)],
+                                   padding_side="right", model_max_length=8192)
+    fast.add_tokens([AddedToken(p, normalized=False) for p in shapes_name_phrases()])
+    return fast
+
+
 if __name__ == "__main__":
     import sys
 
-    train_sa2va_tiny_tokenizer().save_pretrained(sys.argv[1])
+    which = sys.argv[2] if len(sys.argv) > 2 else "sa2va-tiny"
+    {"sa2va-tiny": train_sa2va_tiny_tokenizer, "sa2va-shapes": train_sa2va_shapes_tokenizer}[which]().save_pretrained(
+        sys.argv[1])

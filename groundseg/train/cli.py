@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=S, help="preset, groundseg folder or official checkpoint to start from")
     p.add_argument("--from-scratch", action="store_true", default=S,
                    help="build the preset with seeded random weights")
+    p.add_argument("--init-from", default=S,
+                   help="a model (preset or folder) whose tensors of the same name and shape start the run")
     p.add_argument("--vision-tower", default=S, help="CLIP folder (official LISA checkpoints)")
     p.add_argument("--dataset", default=S, help="datasets joined by '||', e.g. 'refer_seg||shapes'")
     p.add_argument("--sample-rates", type=_floats, default=S, help="one rate per dataset, e.g. 3,1")
@@ -57,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes-tasks", type=_rates, default=S, help="shapes task rates, e.g. refer=6,multi=2,box=2")
     p.add_argument("--shapes-image-size", type=int, default=S, help="side of generated shapes images (pixels)")
     p.add_argument("--shapes-max-expressions", type=int, default=S, help="expressions per image per sample")
+    p.add_argument("--shapes-video-frames", type=int, default=S, help="frames per video sample (task video)")
     p.add_argument("--steps", type=int, default=S, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=S, help="images per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=S, help="micro-batches per optimizer step")
@@ -80,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dice-weight", type=float, default=S)
     p.add_argument("--attribute-weight", type=float, default=S,
                    help="auxiliary colour/shape/size probes on SAM's embedding and the [SEG] prompts (shapes data)")
+    p.add_argument("--token-attribute-weight", type=float, default=S,
+                   help="the attribute probes on the image tokens the LLM reads (with --attribute-weight)")
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--save-every", type=int, default=S)
     p.add_argument("--log-every", type=int, default=S)

@@ -51,7 +51,13 @@ CAPTION_QUESTIONS = ("Describe the image and ground each object.",
                      "Please give a grounded caption of this image.")
 BOX_SUFFIX = " Answer with a box."
 OBJECTS_QUESTIONS = ("Segment every shape.", "Segment all the shapes in this image.", "What shapes are there?")
-SHAPES_TASKS = ("refer", "multi", "objects", "caption", "box", "gcg", "regcap")
+SHAPES_TASKS = ("refer", "multi", "objects", "caption", "box", "gcg", "regcap", "video")
+# Sa2VA video answers name the target (its shortest attribute description) before [SEG], as shapes-demo does.
+VIDEO_ANSWER = "Sure, {} [SEG]."
+
+
+def video_answer(name: str) -> str:
+    return VIDEO_ANSWER.format(name)
 # GLaMM tasks (models with a region encoder): "gcg" asks GLaMM's standard grounded-caption question and answers
 # with "<p> phrase </p> [SEG]" per object; "regcap" asks about a <bbox> region and answers its description.
 
@@ -72,6 +78,8 @@ class TrainSample:
     mask_attributes: np.ndarray | None = None
     # Region prompts (GLaMM): per conversation, (n, 4) pixel xyxy boxes, one per <bbox> of its question, in order.
     boxes: list[np.ndarray] | None = None
+    # Videos (Sa2VA): the T frames, ``image`` is the first; ``masks`` is then (n, T, H, W).
+    frames: list[np.ndarray] | None = None
 
     def __post_init__(self):
         n = sum(count_seg(a) for _, a in self.conversations)
@@ -127,6 +135,7 @@ class ShapesSource:
     tasks: dict[str, float] = field(default_factory=lambda: {"refer": 6, "multi": 2, "caption": 1, "box": 2})
     max_expressions: int = 3
     num_images: int = 10_000_000
+    video_frames: int = 16
     name: str = "shapes"
 
     def __post_init__(self):
@@ -146,7 +155,7 @@ class ShapesSource:
         # Draw until the image supports the task (most do; an image of one object has no multi-target answer).
         task = self._names[int(rng.choice(len(self._names), p=self._p))]
         for _ in range(64):
-            item = self.world.image(int(rng.integers(self.num_images)))
+            item = None if task == "video" else self.world.image(int(rng.integers(self.num_images)))
             out = getattr(self, f"_{task}")(item, rng)
             if out is not None:
                 return out
@@ -236,6 +245,22 @@ class ShapesSource:
         amap, mattr = attribute_labels(item, [])
         return TrainSample(item.image, [(q.question, q.answer) for q in qs], self._masks(item, []), "regcap", amap,
                            mattr, boxes=[np.asarray([q.box], np.float32) for q in qs])
+
+    def _video(self, item, rng) -> TrainSample | None:
+        # One expression of a moving-shapes video (attribute or motion), answered with the target's name; the
+        # image drawn for the task only seeds the video's index. Videos come from the world's video stream.
+        from ..grounding.sa2va import segment_question
+
+        video = self.world.video(int(rng.integers(self.num_images)), self.video_frames)
+        names = self._names_for(video)
+        usable = [e for e in video.expressions if len(e.targets) == 1 and e.targets[0] in names]
+        if not usable:
+            return None
+        e = usable[int(rng.integers(len(usable)))]
+        target = e.targets[0]
+        masks = video.masks[target][None]  # (1, T, H, W)
+        return TrainSample(video.frames[0], [(segment_question(e.text), video_answer(names[target]))], masks,
+                           "video", frames=list(video.frames))
 
     def _box(self, item, rng) -> TrainSample | None:
         if not item.box_answers:
@@ -342,6 +367,8 @@ class Collator:
         return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
     def __call__(self, samples: list[TrainSample]) -> LisaBatch:
+        if any(s.frames is not None for s in samples):
+            raise InputError("video samples (shapes task 'video') need a video model (the sa2va family)")
         ids, labels, offset, region_boxes = [], [], [0], []
         clip, sam, in_sizes, orig_sizes, gts = [], [], [], [], []
         for s in samples:
@@ -377,6 +404,9 @@ class Collator:
                 torch.from_numpy(grid_labels(s.attribute_map, size, self.config.sam.image_size, grid))
                 for s, size in zip(samples, in_sizes)])
             batch.mask_attributes = torch.from_numpy(np.concatenate([s.mask_attributes for s in samples]))
+            g = int(round(self.config.vision.image_size / int(self.config.vision.clip["patch_size"])))
+            batch.token_attribute_maps = torch.stack([torch.from_numpy(crop_grid_labels(s.attribute_map, g))
+                                                      for s in samples])
         return batch
 
 
@@ -393,9 +423,21 @@ def grid_labels(amap: np.ndarray, input_size: tuple[int, int], image_size: int, 
     return out
 
 
+def crop_grid_labels(amap: np.ndarray, grid: int) -> np.ndarray:
+    """(C, H, W) class labels -> (C, grid, grid) int64 at the centres of the vision tower's patches: the tower sees
+    the centre square of side min(H, W) (:func:`~groundseg.grounding.lisa.clip_preprocess`), split in
+    ``grid`` x ``grid`` patches; each patch takes the label of its centre pixel."""
+    _, h, w = amap.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    centres = np.minimum(((np.arange(grid) + 0.5) * side / grid).astype(np.int64), side - 1)
+    return amap[:, top + centres][:, :, left + centres].astype(np.int64)
+
+
 def build_source(spec: str, rates: Sequence[float] | None, seed: int, data_root: str | None = None,
                  refer_datasets: str = "refcoco", shapes_tasks: dict[str, float] | None = None,
-                 image_size: int = 256, max_expressions: int = 3, image_dir: str | None = None) -> MixedSource:
+                 image_size: int = 256, max_expressions: int = 3, image_dir: str | None = None,
+                 video_frames: int = 16) -> MixedSource:
     """``spec`` is LISA's ``a||b||c`` dataset list; ``rates`` its sample rates (default equal)."""
     names = [n.strip() for n in spec.split("||") if n.strip()]
     if not names:
@@ -407,6 +449,7 @@ def build_source(spec: str, rates: Sequence[float] | None, seed: int, data_root:
     for n in names:
         if n == "shapes":
             sources.append(ShapesSource(seed=seed, image_size=image_size, max_expressions=max_expressions,
+                                        video_frames=video_frames,
                                         **({"tasks": shapes_tasks} if shapes_tasks else {})))
         elif n == "refer_seg":
             if not data_root:

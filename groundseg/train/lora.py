@@ -15,15 +15,22 @@ from torch import nn
 LISA_TRAINABLE = ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")
 
 
+def _llm_owner(model: nn.Module) -> nn.Module:
+    """The module holding ``language_model``: ``model.vlm`` (LISA, GLaMM) or the model itself (Sa2VA)."""
+    return model.vlm if hasattr(model, "vlm") else model
+
+
 def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.05,
                targets: Sequence[str] = ("q_proj", "v_proj")) -> None:
-    """Wrap ``model.vlm.language_model`` with peft LoRA adapters (in place)."""
+    """Wrap the language model (``model.vlm.language_model``; Sa2VA's ``model.language_model``) with peft LoRA
+    adapters (in place)."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                      task_type="CAUSAL_LM")
     try:
-        model.vlm.language_model = get_peft_model(model.vlm.language_model, cfg)
+        owner = _llm_owner(model)
+        owner.language_model = get_peft_model(owner.language_model, cfg)
     except ValueError as e:  # e.g. target modules that the LLM does not have
         from ..io import InputError
 
@@ -33,14 +40,15 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0
 def has_lora(model: nn.Module) -> bool:
     from peft import PeftModel
 
-    return isinstance(model.vlm.language_model, PeftModel)
+    return isinstance(_llm_owner(model).language_model, PeftModel)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold the adapters into the base weights and drop peft's wrapper; parameter names return to the plain
     layout that ``save_pretrained`` writes. A model without adapters is returned unchanged."""
     if has_lora(model):
-        model.vlm.language_model = model.vlm.language_model.merge_and_unload()
+        owner = _llm_owner(model)
+        owner.language_model = owner.language_model.merge_and_unload()
     return model
 
 

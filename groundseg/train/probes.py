@@ -56,16 +56,25 @@ class AttributeProbes(nn.Module):
 
 class ProbedModel(nn.Module):
     """A LISA-family model plus :class:`AttributeProbes`; ``forward`` adds ``attr_loss`` (weighted) to the loss
-    when the batch carries attribute labels. ``.model`` is what gets exported."""
+    when the batch carries attribute labels. ``.model`` is what gets exported.
 
-    def __init__(self, model: nn.Module, weight: float):
+    ``token_weight`` > 0 adds a third probe, on the image tokens the LLM reads (the projected vision-tower patches):
+    each patch's colour, shape and size class. Generating a description of the image (grounded captions, region
+    captions) needs those tokens to say what is where; naming what the question names does not, so without this
+    a from-scratch vision tower learns little about shapes."""
+
+    def __init__(self, model: nn.Module, weight: float, token_weight: float = 0.0):
         super().__init__()
         from ..datasets.shapes import COLORS, SHAPES, SIZES
 
         self.model = model
         self.weight = float(weight)
+        self.token_weight = float(token_weight)
         dim = model.config.sam.prompt_embed_dim
-        self.probes = AttributeProbes(dim, model.config.out_dim, (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1))
+        classes = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+        self.probes = AttributeProbes(dim, model.config.out_dim, classes)
+        if self.token_weight:
+            self.token_probe = nn.Linear(model.vlm.language_model.config.hidden_size, sum(classes))
 
     @property
     def config(self):
@@ -83,5 +92,12 @@ class ProbedModel(nn.Module):
         image, prompt = self.probes.losses(out["sam_embeddings"], out["seg_prompts"], batch.attribute_maps,
                                            batch.mask_attributes)
         out["attr_loss"] = self.weight * (image + prompt)
+        if self.token_weight and batch.token_attribute_maps is not None:
+            tokens = out["image_tokens"]  # (B, g * g, H), row-major patches
+            labels = batch.token_attribute_maps.to(tokens.device).flatten(2)  # (B, 3, g * g)
+            # layer-normalised first: the projected tokens' scale is the LLM's business, not the probe's
+            tokens = F.layer_norm(tokens.to(self.token_probe.weight.dtype), tokens.shape[-1:])
+            logits = self.token_probe(tokens).transpose(1, 2)  # (B, K, g * g)
+            out["attr_loss"] = out["attr_loss"] + self.token_weight * self.probes._ce(logits, labels)
         out["loss"] = out["loss"] + out["attr_loss"]
         return out

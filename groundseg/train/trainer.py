@@ -40,6 +40,7 @@ class TrainConfig:
     out: str = "runs/train"
     model: str = "lisa-tiny"  # preset, our folder, or official checkpoint folder
     from_scratch: bool = False  # a preset built with seeded random weights (ignores a shipped trained copy)
+    init_from: str | None = None  # a model (preset or folder) whose same-named, same-shaped tensors start the run
     vision_tower: str | None = None
     dataset: str = "shapes"  # LISA's 'a||b' list
     sample_rates: list[float] | None = None
@@ -50,6 +51,7 @@ class TrainConfig:
     shapes_seed: int = 0
     shapes_image_size: int = 256
     shapes_max_expressions: int = 3  # referring expressions per image and sample (LISA uses up to 3)
+    shapes_video_frames: int = 16  # frames per video sample (shapes task "video")
     steps: int = 1000
     batch_size: int = 2
     grad_accum: int = 1
@@ -72,6 +74,7 @@ class TrainConfig:
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     attribute_weight: float = 0.0  # auxiliary attribute probes (train/probes.py); shapes-world data only
+    token_attribute_weight: float = 0.0  # the same probes on the LLM's image tokens (train/probes.py)
     seed: int = 0
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -104,13 +107,21 @@ RECIPES: dict[str, dict[str, Any]] = {
                         steps=5000, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
                         warmup_steps=100, clip_grad=1.0, ce_weight=1.0, attribute_weight=1.0, save_every=250,
                         log_every=10, num_workers=0, out="runs/shapes-demo"),
-    # GLaMM on the shapes world (grounded captions, region captions, referring): shapes-demo's recipe with the
-    # GLaMM tasks mixed in. Not yet trained to completion (see README); the numbers go there when it is.
-    "glamm-shapes": dict(model="glamm-shapes", from_scratch=True, dataset="shapes", lora=False, train_all=True,
-                         shapes_tasks={"refer": 4, "objects": 2, "gcg": 3, "regcap": 3}, shapes_max_expressions=3,
-                         steps=4500, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
-                         warmup_steps=100, clip_grad=1.0, ce_weight=1.0, attribute_weight=1.0, save_every=250,
-                         log_every=10, num_workers=0, out="runs/glamm-shapes"),
+    # GLaMM on the shapes world: starts from the shipped shapes-demo (same sizes: its CLIP, LLM, SAM and projectors
+    # already name and segment shapes), so only the region encoder starts from random weights and the run teaches
+    # the GLaMM tasks: grounded captions ("<p> a red circle </p> [SEG]"), region captions from <bbox>, and
+    # referring segmentation in GLaMM's prompt wording.
+    # - token_attribute_weight: shapes-demo's LLM copies names from the question and never had to read the image
+    #   tokens, so its vision tower says little about shapes (a first run without this probe captioned regions
+    #   with the right shape 19% of the time). Captions are read off those tokens: the probe makes them say
+    #   what is where.
+    "glamm-shapes": dict(model="glamm-shapes", from_scratch=True, init_from="shapes-demo", dataset="shapes",
+                         lora=False, train_all=True,
+                         shapes_tasks={"refer": 1, "objects": 2, "gcg": 4, "regcap": 3}, shapes_max_expressions=3,
+                         steps=2500, batch_size=8, grad_accum=1, lr=1e-3, min_lr_ratio=0.05, weight_decay=0.01,
+                         warmup_steps=50, clip_grad=1.0, ce_weight=1.0, attribute_weight=1.0,
+                         token_attribute_weight=1.0, save_every=250, log_every=10, num_workers=0,
+                         out="runs/glamm-shapes"),
 }
 
 
@@ -129,8 +140,14 @@ def build_for_training(cfg: TrainConfig):
     from ..hub import build_model, load_model, load_tokenizer, preset_tokenizer_dir
     from ..config import PRESETS, preset_config
 
+    from ..config import SA2VA_PRESETS, Sa2VALossConfig
+
     torch.manual_seed(cfg.seed)
-    if cfg.from_scratch:
+    if cfg.from_scratch and cfg.model in SA2VA_PRESETS:
+        from ..grounding.sa2va_hub import ASSETS, build_sa2va
+
+        model = build_sa2va(SA2VA_PRESETS[cfg.model](), load_tokenizer(ASSETS / cfg.model))
+    elif cfg.from_scratch:
         if cfg.model not in PRESETS:
             raise InputError(f"--from-scratch needs a preset, got {cfg.model!r}")
         pc = preset_config(cfg.model)
@@ -140,12 +157,39 @@ def build_for_training(cfg: TrainConfig):
         model = build_model(pc, load_tokenizer(tok_dir))
     else:
         model = load_model(cfg.model, vision_tower=cfg.vision_tower)
-    model.config.losses = LossConfig(ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
-                                     dice_scale=model.config.losses.dice_scale, dice_eps=model.config.losses.dice_eps)
+    if cfg.init_from:
+        init_weights(model, cfg.init_from)
+    if isinstance(model.config.losses, Sa2VALossConfig):  # the family's own loss settings, our weights
+        model.config.losses = dataclasses.replace(model.config.losses, ce_weight=cfg.ce_weight,
+                                                  bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight)
+    else:
+        model.config.losses = LossConfig(ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight,
+                                         dice_weight=cfg.dice_weight, dice_scale=model.config.losses.dice_scale,
+                                         dice_eps=model.config.losses.dice_eps)
     if cfg.lora:
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     counts = set_trainable(model, cfg.trainable, cfg.frozen, cfg.train_all)
     return model.float(), counts
+
+
+def init_weights(model: torch.nn.Module, source: str) -> tuple[int, int]:
+    """Copy into ``model`` every tensor of the model ``source`` (preset or folder) with the same name and shape,
+    e.g. a trained LISA's into a fresh GLaMM of the same sizes, whose region encoder then starts from its seeded
+    random weights. Returns (tensors copied, tensors of ``model``); no shared tensor is a one-line error."""
+    from ..hub import load_model
+
+    try:
+        state = load_model(source).state_dict()
+    except InputError as e:
+        raise InputError(f"--init-from {source}: {e}") from None
+    own = model.state_dict()
+    same = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not same:
+        raise InputError(f"--init-from {source}: no tensor of it matches the model in name and shape")
+    model.load_state_dict(same, strict=False)
+    print(f"init from {source}: {len(same)} of {len(own)} tensors copied "
+          f"({len(own) - len(same)} keep their initial values)")
+    return len(same), len(own)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -206,20 +250,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     config, tokenizer = model.config, model.tokenizer
     if cfg.attribute_weight < 0:
         raise InputError(f"--attribute-weight {cfg.attribute_weight}: expected 0 or more")
+    if cfg.attribute_weight and getattr(model, "family", "") == "sa2va":
+        raise InputError("--attribute-weight: the attribute probes are for LISA/GLaMM models, not sa2va")
     if cfg.attribute_weight:
         from .probes import ProbedModel
 
-        model = ProbedModel(model, cfg.attribute_weight)
+        model = ProbedModel(model, cfg.attribute_weight, cfg.token_attribute_weight)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
-    collator = Collator(config, tokenizer)
+    base = getattr(model, "model", model)
+    collator = base.collator() if hasattr(base, "collator") else Collator(config, tokenizer)
     source = build_source(cfg.dataset, cfg.sample_rates, cfg.shapes_seed, cfg.data_root, cfg.refer_datasets,
                           image_dir=cfg.image_dir, shapes_tasks=cfg.shapes_tasks, image_size=cfg.shapes_image_size,
-                          max_expressions=cfg.shapes_max_expressions)
+                          max_expressions=cfg.shapes_max_expressions,
+                          video_frames=cfg.shapes_video_frames)
     if accelerator.state.deepspeed_plugin is not None:
         # The DataLoader is ours (not prepared), so DeepSpeed cannot infer these "auto" values itself.
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -264,7 +312,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     log_sums["grad_norm"] = log_sums.get("grad_norm", 0.0) + float(grad_norm) * cfg.grad_accum
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "attr_loss"):
+        for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "attr_loss", "iou_loss", "object_loss"):
             if k in losses:
                 log_sums[k] = log_sums.get(k, 0.0) + float(losses[k].detach())
         n_logged += 1
