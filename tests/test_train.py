@@ -385,3 +385,15 @@ def test_token_probe_is_opt_in_and_sees_the_image_tokens(tmp_path):
 
     expected = 0.5 * (2 * math.log(7) + math.log(3))  # uniform logits: log of each head's class count
     assert float(out["attr_loss"] - base["attr_loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_every_documented_recipe_builds_a_config_of_a_known_preset():
+    from groundseg.config import PRESETS, SA2VA_PRESETS
+
+    assert set(trainer.RECIPES) == {"shapes-demo", "glamm-shapes", "sa2va-shapes"}
+    for name, recipe in trainer.RECIPES.items():
+        cfg = trainer.TrainConfig(**recipe)
+        assert cfg.model == name and (name in PRESETS or name in SA2VA_PRESETS)
+        assert cfg.out == f"runs/{name}" and cfg.from_scratch
+    assert trainer.RECIPES["sa2va-shapes"]["shapes_tasks"]["video"] > 0
+    assert trainer.RECIPES["glamm-shapes"]["init_from"] == "shapes-demo"

@@ -107,6 +107,14 @@ RECIPES: dict[str, dict[str, Any]] = {
                         steps=5000, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
                         warmup_steps=100, clip_grad=1.0, ce_weight=1.0, attribute_weight=1.0, save_every=250,
                         log_every=10, num_workers=0, out="runs/shapes-demo"),
+    # Sa2VA on the shapes world's moving-shapes videos (plus referring on still images, 1 in 4): everything from
+    # scratch, SAM2's memory included (Sa2VALossConfig.track_memory), one expression per sample. For a GPU (see
+    # README: not trained yet).
+    "sa2va-shapes": dict(model="sa2va-shapes", from_scratch=True, dataset="shapes", lora=False, train_all=True,
+                         shapes_tasks={"video": 3, "refer": 1}, shapes_max_expressions=1, shapes_video_frames=16,
+                         steps=2000, batch_size=16, grad_accum=1, lr=1e-3, min_lr_ratio=0.05, weight_decay=0.01,
+                         warmup_steps=100, clip_grad=1.0, ce_weight=1.0, attribute_weight=0.0, save_every=250,
+                         log_every=10, num_workers=0, out="runs/sa2va-shapes"),
     # GLaMM on the shapes world: starts from the shipped shapes-demo (same sizes: its CLIP, LLM, SAM and projectors
     # already name and segment shapes), so only the region encoder starts from random weights and the run teaches
     # the GLaMM tasks: grounded captions ("<p> a red circle </p> [SEG]"), region captions from <bbox>, and
