@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import time
@@ -383,6 +384,17 @@ def _trim_metrics(path: Path, step: int) -> None:
     if path.is_file():
         rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
         path.write_text("".join(r + "\n" for r in rows))
+
+
+class _TiedWeightsNote(logging.Filter):
+    """Drops accelerate's "Removed shared tensor ..." warning: the only shared tensors of our models are tied word
+    embeddings, which every model re-ties when it is built, so a resumed run gets them back (tested)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
