@@ -527,4 +527,27 @@ def _sa2va_shapes() -> Sa2VAConfig:
                        losses=Sa2VALossConfig(num_points=0, track_memory=True))
 
 
-SA2VA_PRESETS = {"sa2va-4b": _sa2va_4b, "sa2va-tiny": _sa2va_tiny, "sa2va-shapes": _sa2va_shapes}
+def _sa2va_qwen_tiny():
+    # Sa2VA on Qwen2.5-VL (grounding/sa2va_qwen.py) at test size, with its shipped tokenizer (assets/sa2va-qwen-tiny,
+    # whose vision token ids are fixed: <|vision_start|> 3, <|vision_end|> 4, <|image_pad|> 5, <|video_pad|> 6; the
+    # vocabulary size comes from it): a 2-layer Qwen2.5-VL text model of width 64 (mrope 2+3+3 of 8 frequencies), a
+    # 2-block ViT of width 32 (patch 14, 2x2 merge), SAM2 as sa2va-tiny's, 16..64 merged tokens per image.
+    from .grounding.sa2va_qwen import Sa2VAQwenConfig
+
+    text = dict(vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=4096,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=1000000.0,
+                use_sliding_window=False, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, window_size=112,
+                  fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu")
+    qwen = dict(text_config=text, vision_config=vision, vision_start_token_id=3, vision_end_token_id=4,
+                image_token_id=5, video_token_id=6, tie_word_embeddings=False)
+    return Sa2VAQwenConfig(preset="sa2va-qwen-tiny", qwen=qwen,
+                           sam2=Sam2Config("configs/sam2/sam2_hiera_t.yaml",
+                                           sam2_tiny_overrides() + ["++model.image_size=256"]),
+                           out_dim=32, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
+
+
+SA2VA_PRESETS = {"sa2va-4b": _sa2va_4b, "sa2va-tiny": _sa2va_tiny, "sa2va-shapes": _sa2va_shapes,
+                 "sa2va-qwen-tiny": _sa2va_qwen_tiny}

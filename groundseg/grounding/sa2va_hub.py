@@ -46,6 +46,12 @@ def ours_to_official(key: str) -> str:
 
 
 def is_official_sa2va(raw_config: dict) -> bool:
+    # --- Qwen2.5-VL backbone (sa2va_qwen.py): its releases say model_type sa2va_chat too
+    from .sa2va_qwen import is_official_sa2va_qwen
+
+    if is_official_sa2va_qwen(raw_config):
+        return False
+    # ---
     return "Sa2VAChatModel" in raw_config.get("architectures", []) or raw_config.get("model_type") == "sa2va_chat"
 
 
@@ -76,6 +82,12 @@ def config_from_official(raw: dict, sam2: Sam2Config | None = None) -> Sa2VAConf
 
 def build_sa2va(config: Sa2VAConfig, tokenizer, device: str | torch.device | None = None) -> Sa2VAModel:
     """A randomly initialised model (``device="meta"`` allocates nothing)."""
+    # --- Qwen2.5-VL backbone
+    from .sa2va_qwen import Sa2VAQwenConfig, build_sa2va_qwen
+
+    if isinstance(config, Sa2VAQwenConfig):
+        return build_sa2va_qwen(config, tokenizer, device)
+    # ---
     if not config.llm.get("vocab_size"):
         if tokenizer is None:
             raise ValueError(f"preset {config.preset!r} takes its vocabulary size from its tokenizer")
@@ -122,6 +134,15 @@ def load_sa2va_pretrained(folder: str | os.PathLike) -> Sa2VAModel:
 
     folder = Path(folder)
     raw = json.loads((folder / CONFIG_NAME).read_text())
+    # --- Qwen2.5-VL backbone
+    if raw.get("backbone", "internvl") != "internvl":
+        from .sa2va_qwen import BACKBONE, load_sa2va_qwen_pretrained
+
+        if raw["backbone"] != BACKBONE:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: Sa2VA backbone {raw['backbone']!r} is not supported "
+                                  f"(known: internvl, {BACKBONE})")
+        return load_sa2va_qwen_pretrained(folder)
+    # ---
     raw.pop("groundseg_version", None)
     try:
         cfg = Sa2VAConfig.from_dict(raw)
@@ -140,11 +161,18 @@ def load_sa2va_preset(name: str, seed: int = 0) -> Sa2VAModel:
     from ..hub import _download, load_tokenizer
 
     cfg = SA2VA_PRESETS[name]()
+    # --- Qwen2.5-VL backbone
+    from .sa2va_qwen import Sa2VAQwenConfig, load_official_sa2va_qwen
+
+    if isinstance(cfg, Sa2VAQwenConfig) and cfg.checkpoint is not None:
+        return load_official_sa2va_qwen(_download(cfg.checkpoint))
+    # ---
     if cfg.checkpoint is not None:
         return load_official_sa2va(_download(cfg.checkpoint))
     if (ASSETS / name / "model.safetensors").is_file():
         return load_sa2va_pretrained(ASSETS / name)
-    if name != "sa2va-tiny":  # a from-scratch preset whose trained weights this copy of groundseg lacks
+    # a from-scratch preset whose trained weights this copy of groundseg lacks
+    if name not in ("sa2va-tiny", "sa2va-qwen-tiny"):
         import sys
 
         print(f"note: {name}'s trained weights are not shipped in this version; using seeded random weights "
@@ -168,6 +196,12 @@ def load_sa2va(name_or_path: str | os.PathLike) -> Sa2VAModel | None:
         return None
     if raw.get("family") == "sa2va":
         return load_sa2va_pretrained(path)
+    # --- Qwen2.5-VL backbone
+    from .sa2va_qwen import is_official_sa2va_qwen, load_official_sa2va_qwen
+
+    if is_official_sa2va_qwen(raw):
+        return load_official_sa2va_qwen(path)
+    # ---
     if is_official_sa2va(raw):
         return load_official_sa2va(path)
     return None
