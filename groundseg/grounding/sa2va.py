@@ -380,39 +380,16 @@ class Sa2VAModel(nn.Module):
         from ..video import open_video
 
         source = open_video(video)
-        rule = key_frames or self.config.key_frames
-        count = num_key_frames or self.config.num_key_frames
-        keys = select_key_frames(source.num_frames, rule, count)
-        key_rgb = dict(source.read(keys))
-        missing = [k for k in keys if k not in key_rgb]
-        if missing:
-            raise InputError(f"{source.name}: could not read key frame {missing[0]}")
-        key_list = [key_rgb[k] for k in keys]
-        tokens = self.encode_tiles(self.frame_pixel_values(key_list)).flatten(0, 1)
+        keys, key_rgb = read_key_frames(source, key_frames or self.config.key_frames,
+                                        num_key_frames or self.config.num_key_frames)
+        tokens = self.encode_tiles(self.frame_pixel_values([key_rgb[k] for k in keys])).flatten(0, 1)
         results = [self.ground(tokens, segment_question(p), len(keys), video=True,
                                answer=None if answer is None else answer.replace("{}", p.strip()),
                                max_new_tokens=max_new_tokens) for p in prompts]
         if groundings is not None:
             groundings.extend(results)
-        active = [k for k, g in enumerate(results) if len(g.seg_embeddings)]
-        sam = self.grounding_encoder
-        memory = sam.new_memory(len(active)) if active else None
-        if active:
-            language = torch.stack([results[k].seg_embeddings[0] for k in active])
-            for idx in keys:
-                sam.add_condition(memory, idx, sam.encode(sam.preprocess(key_rgb[idx])[None]), language)
-        del key_rgb, key_list
-        n = len(prompts)
-        for idx, rgb in source:
-            h, w = rgb.shape[:2]
-            logits = torch.full((n, h, w), -1e4)
-            scores = torch.full((n,), -1e4)
-            if active:
-                feats = None if idx in memory.cond else sam.encode(sam.preprocess(rgb)[None])
-                out = sam.track(memory, idx, feats)
-                logits[active] = sam.postprocess(out.low_res_masks, (h, w))[:, 0].float().cpu()
-                scores[active] = out.object_score_logits[:, 0].float().cpu()
-            yield TrackFrame(idx, rgb, logits, scores, idx in keys)
+        del tokens
+        yield from track_objects(self.grounding_encoder, source, keys, key_rgb, results)
 
 
     # ------------------------------------------------------------------------------------------ training
@@ -658,6 +635,42 @@ class Sa2VACollator:
             labels[r, :len(lab)] = torch.tensor(lab)
             attention[r, :len(ids)] = True
         return Sa2VABatch(input_ids, labels, attention, torch.cat(pixel_values), torch.stack(sam_pixels), gts)
+
+
+def read_key_frames(source, rule: str, count: int) -> tuple[list[int], dict[int, np.ndarray]]:
+    """The key frames of ``source`` (a :class:`groundseg.video.FrameSource`) by ``rule``: their indices and
+    RGB arrays, read before streaming; an unreadable one is a one-line :class:`InputError`."""
+    keys = select_key_frames(source.num_frames, rule, count)
+    key_rgb = dict(source.read(keys))
+    missing = [k for k in keys if k not in key_rgb]
+    if missing:
+        raise InputError(f"{source.name}: could not read key frame {missing[0]}")
+    return keys, key_rgb
+
+
+def track_objects(sam: Sam2Decoder, source, keys: list[int], key_rgb: dict[int, np.ndarray],
+                  results: Sequence[Grounding]) -> Iterator[TrackFrame]:
+    """SAM2's half of Sa2VA tracking, for any MLLM: each result's first ``[SEG]`` embedding prompts every key
+    frame (``key_rgb``, emptied once encoded), then every frame of ``source`` is streamed once through the memory
+    and yielded with its masks. Object k is result k; a result without ``[SEG]`` gets empty masks."""
+    active = [k for k, g in enumerate(results) if len(g.seg_embeddings)]
+    memory = sam.new_memory(len(active)) if active else None
+    if active:
+        language = torch.stack([results[k].seg_embeddings[0] for k in active])
+        for idx in keys:
+            sam.add_condition(memory, idx, sam.encode(sam.preprocess(key_rgb[idx])[None]), language)
+    key_rgb.clear()
+    n = len(results)
+    for idx, rgb in source:
+        h, w = rgb.shape[:2]
+        logits = torch.full((n, h, w), -1e4)
+        scores = torch.full((n,), -1e4)
+        if active:
+            feats = None if idx in memory.cond else sam.encode(sam.preprocess(rgb)[None])
+            out = sam.track(memory, idx, feats)
+            logits[active] = sam.postprocess(out.low_res_masks, (h, w))[:, 0].float().cpu()
+            scores[active] = out.object_score_logits[:, 0].float().cpu()
+        yield TrackFrame(idx, rgb, logits, scores, idx in keys)
 
 
 def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

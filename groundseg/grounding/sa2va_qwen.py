@@ -60,7 +60,7 @@ from ..config import Sam2Config
 from ..decoders.sam2 import Sam2Decoder
 from ..io import InputError, load_image
 from ..result import Result
-from .sa2va import Grounding, TrackFrame, segment_question, select_key_frames
+from .sa2va import Grounding, TrackFrame, read_key_frames, segment_question, track_objects
 from .sa2va_hub import official_to_ours as _sam2_official_to_ours
 from .sa2va_hub import ours_to_official
 from .tokens import SEG, token_id
@@ -323,37 +323,16 @@ class Sa2VAQwenModel(nn.Module):
         from ..video import open_video
 
         source = open_video(video)
-        keys = select_key_frames(source.num_frames, key_frames or self.config.key_frames,
-                                 num_key_frames or self.config.num_key_frames)
-        key_rgb = dict(source.read(keys))
-        missing = [k for k in keys if k not in key_rgb]
-        if missing:
-            raise InputError(f"{source.name}: could not read key frame {missing[0]}")
+        keys, key_rgb = read_key_frames(source, key_frames or self.config.key_frames,
+                                        num_key_frames or self.config.num_key_frames)
         pixels, grid = self.pixel_values([key_rgb[k] for k in keys])
         results = [self.ground(pixels, grid, segment_question(p),
                                answer=None if answer is None else answer.replace("{}", p.strip()),
                                max_new_tokens=max_new_tokens) for p in prompts]
         if groundings is not None:
             groundings.extend(results)
-        active = [k for k, g in enumerate(results) if len(g.seg_embeddings)]
-        sam = self.grounding_encoder
-        memory = sam.new_memory(len(active)) if active else None
-        if active:
-            language = torch.stack([results[k].seg_embeddings[0] for k in active])
-            for idx in keys:
-                sam.add_condition(memory, idx, sam.encode(sam.preprocess(key_rgb[idx])[None]), language)
-        del key_rgb, pixels
-        n = len(prompts)
-        for idx, rgb in source:
-            h, w = rgb.shape[:2]
-            logits = torch.full((n, h, w), -1e4)
-            scores = torch.full((n,), -1e4)
-            if active:
-                feats = None if idx in memory.cond else sam.encode(sam.preprocess(rgb)[None])
-                out = sam.track(memory, idx, feats)
-                logits[active] = sam.postprocess(out.low_res_masks, (h, w))[:, 0].float().cpu()
-                scores[active] = out.object_score_logits[:, 0].float().cpu()
-            yield TrackFrame(idx, rgb, logits, scores, idx in keys)
+        del pixels
+        yield from track_objects(self.grounding_encoder, source, keys, key_rgb, results)
 
 
 # ------------------------------------------------------------------------------------------- building
