@@ -296,6 +296,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError("--protocol/--mode: box grounding always generates")
     if not Path(args.data_root).is_dir():  # before loading a model, which can take minutes
         raise InputError(f"--data-root {args.data_root}: folder not found")
+    if not args.predictions:
+        from .eval.report import check_out
+
+        check_out(args.out, args.resume)
     if task in ("gcg", "regcap"):
         return _eval_captioning(task, args)
     if args.predictions:

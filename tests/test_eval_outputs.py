@@ -313,3 +313,24 @@ def test_images_found_in_refers_own_layout(shapes_dir, tmp_path):
     (root / "images" / "mscoco" / "images" / "train2014").symlink_to(shapes_dir / "images")
     moved = evaluate_refer(Stub(), str(root), "shapes", split="val", progress=False)
     assert moved.metrics == evaluate_refer(Stub(), str(shapes_dir), "shapes", split="val", progress=False).metrics
+
+
+def test_an_out_folder_with_predictions_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    # Loading a model can take minutes: a folder that already holds predictions (and no --resume) is refused
+    # first, for image, captioning and video evaluation alike.
+    from groundseg import cli, hub
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text("")
+    (tmp_path / "data").mkdir()
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(hub, "load_model", no_load)
+    for argv in (["eval", "refer", "--data-root", str(tmp_path / "data"), "--out", str(out)],
+                 ["eval", "gcg", "--data-root", str(tmp_path / "data"), "--out", str(out)]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "predictions.jsonl exists: pass --resume" in err and err.count("\n") == 1

@@ -119,6 +119,14 @@ class PredictionLog:
         os.close(self._fd)
 
 
+def check_out(out: str | os.PathLike | None, resume: bool) -> None:
+    """What :func:`start_run` would refuse that can be told before a model is loaded (which can take minutes): a
+    folder that already holds predictions without ``--resume``."""
+    if out and not resume and (Path(out) / "predictions.jsonl").exists():
+        raise InputError(f"{Path(out) / 'predictions.jsonl'} exists: pass --resume to continue that run, or choose "
+                         "another --out")
+
+
 def start_run(out: str | os.PathLike, run: dict, resume: bool) -> tuple[Path, PredictionLog]:
     """Create ``out`` and its ``run.json``, or, with ``resume``, check that ``run.json`` describes the same run.
 
@@ -137,8 +145,7 @@ def start_run(out: str | os.PathLike, run: dict, resume: bool) -> tuple[Path, Pr
             key = changed[0]
             raise InputError(f"--resume: {out} holds a different run ({key}: {before.get(key)!r} there, "
                              f"{run[key]!r} now)")
-    if not resume and pred_path.exists():
-        raise InputError(f"{pred_path} exists: pass --resume to continue that run, or choose another --out")
+    check_out(out, resume)
     barrier()  # everyone has checked before anything changes
     rank = dist_info()[0]
     if rank == 0:

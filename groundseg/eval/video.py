@@ -419,6 +419,9 @@ def run_cli(args) -> int:
         from ..hub import load_model
         from ..tracking import default_track_model
 
+        from .report import check_out
+
+        check_out(args.out, args.resume)  # before the model, which can take minutes to load
         name = args.model or default_track_model()
         model = load_model(name, device=_device(args.device), dtype=getattr(torch, DTYPES[args.dtype]))
         if not hasattr(model, "track"):
