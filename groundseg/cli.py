@@ -168,6 +168,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InputError("--gcg uses the model's standard grounded-caption prompt: drop --prompt")
     if args.prompt is None and not args.gcg:
         raise InputError("--prompt is required (or --gcg for a grounded caption)")
+    if args.gcg and args.box:
+        raise InputError("--gcg captions the whole image and takes no --box; to ask about a region, give --box "
+                         "with --prompt 'What is in <bbox>?'")
     if args.prompt is not None and not args.prompt.strip():
         raise InputError("--prompt is empty: expected a sentence describing what to segment")
     if args.max_new_tokens < 1 or args.batch_size < 1:

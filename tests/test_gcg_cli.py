@@ -185,3 +185,16 @@ def test_eval_gcg_errors(tmp_path, capsys, task, extra, message):
     assert main(["eval", task, "--data-root", str(tmp_path), "--split", "test", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_gcg_with_a_box_is_one_clear_line(tmp_path, capsys):
+    from groundseg import cli
+
+    img = tmp_path / "a.png"
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(img)
+    assert cli.main(["segment", str(img), "--model", "glamm-tiny", "--gcg", "--box", "1,1,10,10"]) == 2
+    err = capsys.readouterr().err
+    assert "--gcg captions the whole image and takes no --box" in err and err.count("\n") == 1
