@@ -111,7 +111,8 @@ def test_release_3b_layout_on_meta():
     """Sa2VA-Qwen2_5-VL-3B's config.json in the flat layout of transformers 4.49 (Qwen2.5-VL-3B-Instruct's values,
     vocabulary + Sa2VA's 5 tokens), built on the meta device: 4.294 B numbers (reference/sa2va.md §1.1: the release's
     F32 total, lm_head untied), SAM2.0 Hiera-L's 900 keys, H = 2048."""
-    from groundseg.grounding.sa2va_qwen import build_sa2va_qwen, config_from_official_qwen
+    from groundseg.grounding.sa2va_hub import build_sa2va
+    from groundseg.grounding.sa2va_qwen import config_from_official_qwen
 
     raw = {"architectures": ["Sa2VAChatModelQwen"], "model_type": "sa2va_chat", "hidden_size": 2048,
            "intermediate_size": 11008, "num_attention_heads": 16, "num_hidden_layers": 36, "num_key_value_heads": 2,
@@ -125,7 +126,7 @@ def test_release_3b_layout_on_meta():
                              "tokens_per_second": 2, "temporal_patch_size": 2, "model_type": "qwen2_5_vl"}}
     cfg = config_from_official_qwen(raw)
     cfg.set_tied(False)  # what load_official_sa2va_qwen decides when the folder holds model.lm_head.weight
-    m = build_sa2va_qwen(cfg, None, device="meta")
+    m = build_sa2va(cfg, None, device="meta")
     state = m.state_dict()
     assert abs(sum(v.numel() for v in state.values()) / 1e9 - 4.294) < 0.001
     assert sum(k.startswith("grounding_encoder.sam2_model.") for k in state) == 900

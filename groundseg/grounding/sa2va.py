@@ -344,24 +344,31 @@ class Sa2VAModel(nn.Module):
             raise InputError("the sa2va family takes no box prompts here; use a GLaMM model")
         image_list, pairs = pair_prompts(images, prompts)
         results: list[Result] = []
-        cache: dict[int, tuple] = {}
+        sam = self.grounding_encoder
+        cache: dict[int, tuple] = {}  # the current image only: its MLLM input and SAM2 features
         for i, p in pairs:
             if i not in cache:
                 rgb = load_image(image_list[i])
-                tiles = self.image_pixel_values(rgb)
-                sam = self.grounding_encoder
-                cache = {i: (rgb, len(tiles), self.encode_tiles(tiles).flatten(0, 1),
-                             sam.encode(sam.preprocess(rgb)[None]))}
-            rgb, n_tiles, tokens, feats = cache[i]
-            g = self.ground(tokens, segment_question(p), n_tiles, answer=None if answer is None else
-                            answer.replace("{}", p.strip()), max_new_tokens=max_new_tokens)
+                cache = {i: (rgb, self._image_context(rgb), sam.encode(sam.preprocess(rgb)[None]))}
+            rgb, context, feats = cache[i]
+            g = self._ground_image(context, segment_question(p), None if answer is None else
+                                   answer.replace("{}", p.strip()), max_new_tokens)
             h, w = rgb.shape[:2]
             logits = torch.zeros(0, h, w)
             if len(g.seg_embeddings):
-                out = self.grounding_encoder.decode(feats, language=g.seg_embeddings)
-                logits = self.grounding_encoder.postprocess(out.low_res_masks, (h, w))[:, 0].cpu()
+                out = sam.decode(feats, language=g.seg_embeddings)
+                logits = sam.postprocess(out.low_res_masks, (h, w))[:, 0].float().cpu()
             results.append(make_result(g.text, logits, [None] * len(logits), ["seg"] * len(logits)))
         return results
+
+    def _image_context(self, rgb: np.ndarray) -> tuple[int, torch.Tensor]:
+        """What :meth:`segment` asks the MLLM about an image with: its dynamic tiles' count and image tokens."""
+        tiles = self.image_pixel_values(rgb)
+        return len(tiles), self.encode_tiles(tiles).flatten(0, 1)
+
+    def _ground_image(self, context, question: str, answer: str | None, max_new_tokens: int) -> Grounding:
+        n_tiles, tokens = context
+        return self.ground(tokens, question, n_tiles, answer=answer, max_new_tokens=max_new_tokens)
 
     # ------------------------------------------------------------------------------------------ videos
 

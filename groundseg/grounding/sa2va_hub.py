@@ -80,30 +80,41 @@ def config_from_official(raw: dict, sam2: Sam2Config | None = None) -> Sa2VAConf
                        use_thumbnail=raw.get("use_thumbnail", True))
 
 
-def build_sa2va(config: Sa2VAConfig, tokenizer, device: str | torch.device | None = None) -> Sa2VAModel:
-    """A randomly initialised model (``device="meta"`` allocates nothing)."""
-    # --- Qwen2.5-VL backbone
-    from .sa2va_qwen import Sa2VAQwenConfig, build_sa2va_qwen
-
-    if isinstance(config, Sa2VAQwenConfig):
-        return build_sa2va_qwen(config, tokenizer, device)
-    # ---
-    if not config.llm.get("vocab_size"):
+def build_sa2va(config, tokenizer, device: str | torch.device | None = None):
+    """A randomly initialised model of either family (``device="meta"`` allocates nothing); an unset vocabulary
+    size is the tokenizer's length."""
+    llm = config.text_config() if _is_qwen(config) else config.llm
+    if not llm.get("vocab_size"):
         if tokenizer is None:
             raise ValueError(f"preset {config.preset!r} takes its vocabulary size from its tokenizer")
-        config.llm["vocab_size"] = len(tokenizer)
+        llm["vocab_size"] = len(tokenizer)
     if str(device) == "meta":
         return _empty(config, tokenizer).eval()
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = Sa2VAModel(config, tokenizer, sam2_device=device)
+        model = _model_class(config)(config, tokenizer, sam2_device=device)
     return model.eval()
 
 
-def _empty(config: Sa2VAConfig, tokenizer) -> Sa2VAModel:
+def _is_qwen(config) -> bool:
+    from .sa2va_qwen import Sa2VAQwenConfig  # --- Qwen2.5-VL backbone
+
+    return isinstance(config, Sa2VAQwenConfig)
+
+
+def _model_class(config):
+    if _is_qwen(config):
+        from .sa2va_qwen import Sa2VAQwenModel
+
+        return Sa2VAQwenModel
+    return Sa2VAModel
+
+
+def _empty(config, tokenizer):
+    """The model's structure without allocating its weights (filled by a strict load)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        return Sa2VAModel(config, tokenizer)
+        return _model_class(config)(config, tokenizer)
 
 
 def load_official_sa2va(folder: str | os.PathLike, sam2: Sam2Config | None = None) -> Sa2VAModel:

@@ -58,9 +58,9 @@ from torch import nn
 
 from ..config import Sam2Config
 from ..decoders.sam2 import Sam2Decoder
-from ..io import InputError, load_image
-from ..result import Result
-from .sa2va import Grounding, TrackFrame, read_key_frames, segment_question, track_objects
+from ..io import InputError
+from .sa2va import Grounding, Sa2VAModel, TrackFrame, read_key_frames, segment_question, track_objects
+from .sa2va_hub import _empty
 from .sa2va_hub import official_to_ours as _sam2_official_to_ours
 from .sa2va_hub import ours_to_official
 from .tokens import SEG, token_id
@@ -280,34 +280,14 @@ class Sa2VAQwenModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ images
 
-    @torch.no_grad()
-    def segment(self, images, prompts: str | Sequence[str], max_new_tokens: int = 64,
-                answer: str | None = None, boxes: Sequence | None = None) -> list[Result]:
-        """Ground each (image, prompt) pair: one image with many prompts, one prompt over many images, or two
-        lists that pair up. ``answer`` fixes the answer (``{}`` = the prompt). One mask per ``[SEG]``."""
-        from .lisa import make_result, pair_prompts
+    segment = Sa2VAModel.segment  # the same loop; the MLLM side is the two methods below
 
-        if boxes:
-            raise InputError("the sa2va family takes no box prompts here; use a GLaMM model")
-        image_list, pairs = pair_prompts(images, prompts)
-        results: list[Result] = []
-        cache: dict[int, tuple] = {}
-        sam = self.grounding_encoder
-        for i, p in pairs:
-            if i not in cache:
-                rgb = load_image(image_list[i])
-                pixels, grid = self.pixel_values([rgb])
-                cache = {i: (rgb, pixels, grid, sam.encode(sam.preprocess(rgb)[None]))}
-            rgb, pixels, grid, feats = cache[i]
-            g = self.ground(pixels, grid, segment_question(p), answer=None if answer is None else
-                            answer.replace("{}", p.strip()), max_new_tokens=max_new_tokens)
-            h, w = rgb.shape[:2]
-            logits = torch.zeros(0, h, w)
-            if len(g.seg_embeddings):
-                out = sam.decode(feats, language=g.seg_embeddings)
-                logits = sam.postprocess(out.low_res_masks, (h, w))[:, 0].float().cpu()
-            results.append(make_result(g.text, logits, [None] * len(logits), ["seg"] * len(logits)))
-        return results
+    def _image_context(self, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pixel_values([rgb])
+
+    def _ground_image(self, context, question: str, answer: str | None, max_new_tokens: int) -> Grounding:
+        pixels, grid = context
+        return self.ground(pixels, grid, question, answer=answer, max_new_tokens=max_new_tokens)
 
     # ------------------------------------------------------------------------------------------ videos
 
@@ -336,31 +316,6 @@ class Sa2VAQwenModel(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- building
-
-def build_sa2va_qwen(config: Sa2VAQwenConfig, tokenizer, device: str | torch.device | None = None
-                     ) -> Sa2VAQwenModel:
-    """A randomly initialised model (``device="meta"`` allocates nothing); an unset vocabulary size is the
-    tokenizer's length."""
-    import contextlib
-
-    text = config.text_config()
-    if not text.get("vocab_size"):
-        if tokenizer is None:
-            raise ValueError(f"preset {config.preset!r} takes its vocabulary size from its tokenizer")
-        text["vocab_size"] = len(tokenizer)
-    if str(device) == "meta":
-        return _empty(config, tokenizer).eval()
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = Sa2VAQwenModel(config, tokenizer, sam2_device=device)
-    return model.eval()
-
-
-def _empty(config: Sa2VAQwenConfig, tokenizer) -> Sa2VAQwenModel:
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return Sa2VAQwenModel(config, tokenizer)
-
 
 # ------------------------------------------------------------------------------------------- official layout
 
