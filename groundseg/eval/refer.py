@@ -30,8 +30,8 @@ import torch
 from ..io import InputError, mask_to_bbox
 from .metrics import BoxMeter
 from .report import build_report, dist_info, split_count_warning, write_scored_outputs
-from .runner import (MULTI_QUESTION, Clock, Expression, _record, check_run_args, check_unique, match_predictions,
-                     protocol_name, run_and_report, run_groups, score_predictions)
+from .runner import (MULTI_QUESTION, Clock, Expression, check_run_args, check_unique, expression_record,
+                     match_predictions, protocol_name, run_and_report, run_groups, score_predictions)
 
 SEG_QUESTION = "What is {} in this image? Please output segmentation mask."
 BOX_QUESTION = "Where is {}? Answer with a box."
@@ -238,7 +238,7 @@ def score_box_predictions(predictions: str, data_root: str, dataset: str | None 
     for e in (e for group in groups for e in group):
         box = given.get(e.sent_id)
         missing += box is None
-        records.append(_record(e, meter.add(box, truth(e)[0], e.kind)))
+        records.append(expression_record(e, meter.add(box, truth(e)[0], e.kind)))
     report = _box_report(meter, dataset=name, split_by=split_by, split=split, model=None, protocol="predictions",
                          num_images=len(groups), seconds=clock(), warnings=warnings, predictions=str(predictions),
                          missing=missing)

@@ -162,12 +162,12 @@ def run_groups(groups: list[list[Expression]], meter: Any, logged: Callable[[Exp
                 if e.sent_id not in done:
                     todo.append(e)
                     continue
-                records[e.sent_id] = _record(e, logged(e, done[e.sent_id]))
+                records[e.sent_id] = expression_record(e, logged(e, done[e.sent_id]))
                 bar.update(1)
             if not todo:
                 continue
             for e, iou, fields in fresh(load_image(todo[0].image), todo):
-                records[e.sent_id] = _record(e, iou)
+                records[e.sent_id] = expression_record(e, iou)
                 if log is not None:
                     log.write({"sent_id": e.sent_id, "ref_id": e.ref_id, "image_id": e.image_id, **fields,
                                "iou": iou})
@@ -192,7 +192,8 @@ def _gather(meter: Any, records: dict, world: int) -> tuple[Any, dict]:
     return merged, all_records
 
 
-def _record(e: Expression, iou: float) -> dict[str, Any]:
+def expression_record(e: Expression, iou: float) -> dict[str, Any]:
+    """One line of a referring evaluation's ``predictions.jsonl``, without the prediction itself."""
     return {"sent_id": e.sent_id, "image_id": e.image_id, "ref_id": e.ref_id, "sentence": e.text, "kind": e.kind,
             "iou": iou}
 
@@ -285,7 +286,7 @@ def score_predictions(path: str | Path, groups: list[list[Expression]], ground_t
             if pred is None:
                 missing += 1
                 pred = np.zeros_like(gt)
-            records.append(_record(e, meter.add(pred, gt, e.kind, ignore)))
+            records.append(expression_record(e, meter.add(pred, gt, e.kind, ignore)))
     return meter, records, missing
 
 
