@@ -271,3 +271,17 @@ def test_regcap_exact_match_ignores_case_and_punctuation():
     gts = {1: ["a large purple star"], 2: ["a small red circle", "the red circle"], 3: ["a blue square"]}
     preds = {1: "A large purple star.", 2: "the red  circle", 3: "a blue star"}
     assert exact_match(gts, preds) == pytest.approx(2 / 3)
+
+
+def test_regcap_attribute_accuracy_by_hand():
+    from groundseg.eval.gcg import attribute_accuracy
+
+    gts = {1: ["a large red circle"], 2: ["a small blue star"], 3: ["a green hexagon"], 4: ["a dog"]}
+    preds = {1: "A large red circle.",  # all right
+             2: "a small blue stars and a red star",  # shape right (plural), colour wrong: two colours named
+             3: "a large green diamond",  # colour right, shape wrong; its reference names no size
+             4: "a red circle"}  # the reference names nothing of the shapes world: counts nowhere
+    acc = attribute_accuracy(gts, preds)
+    assert acc["colour"] == pytest.approx(2 / 3) and acc["shape"] == pytest.approx(2 / 3)
+    assert acc["size"] == pytest.approx(2 / 2) and acc["colour_and_shape"] == pytest.approx(1 / 3)
+    assert attribute_accuracy({1: ["a dog"]}, {1: "a dog"}) is None

@@ -445,6 +445,40 @@ def exact_match(gts: dict[Any, list[str]], preds: dict[Any, str]) -> float:
     return sum(any(norm(preds[k]) == norm(c) for c in caps) for k, caps in gts.items()) / len(gts)
 
 
+def attribute_accuracy(gts: dict[Any, list[str]], preds: dict[Any, str]) -> dict[str, float] | None:
+    """Shares of regions whose caption names the colour, the shape and the size its reference names, and both
+    colour and shape, in the shapes world's words (``datasets.shapes``: COLORS, SHAPES, SIZES; plurals count).
+    A region counts for an attribute when its first reference names exactly one word of it; a caption is right
+    when it names that word and no other of the same attribute. None when no reference uses those words."""
+    from ..datasets.shapes import COLORS, SHAPES, SIZES
+
+    groups = {"colour": set(COLORS), "shape": set(SHAPES), "size": set(SIZES)}
+
+    def named(text: str, vocab: set[str]) -> set[str]:
+        out = set()
+        for w in re.findall(r"[a-z]+", text.lower()):
+            w = w[:-1] if w not in vocab and w.endswith("s") and w[:-1] in vocab else w
+            if w in vocab:
+                out.add(w)
+        return out
+
+    right = {g: [] for g in (*groups, "colour_and_shape")}
+    for k, caps in gts.items():
+        if not caps:
+            continue
+        ok = {}
+        for g, vocab in groups.items():
+            ref = named(caps[0], vocab)
+            if len(ref) == 1:
+                ok[g] = named(preds.get(k, ""), vocab) == ref
+                right[g].append(ok[g])
+        if "colour" in ok and "shape" in ok:
+            right["colour_and_shape"].append(ok["colour"] and ok["shape"])
+    if not any(right.values()):
+        return None
+    return {g: (sum(v) / len(v) if v else None) for g, v in right.items()}
+
+
 def evaluate_regcap(model, data_root: str, split: str = "val", dataset: str | None = None,
                     image_dir: str | None = None, limit: int | None = None, out: str | None = None,
                     resume: bool = False, progress: bool = True, model_name: str | None = None,
@@ -471,6 +505,8 @@ def evaluate_regcap(model, data_root: str, split: str = "val", dataset: str | No
     report = {"task": "regcap", "annotations": str(path), "model": model_name, "num_regions": len(samples),
               "exact_match": exact_match({s.key: s.captions for s in samples},
                                          {s.key: preds[s.key]["caption"] for s in samples}),
+              "attribute_accuracy": attribute_accuracy({s.key: s.captions for s in samples},
+                                                       {s.key: preds[s.key]["caption"] for s in samples}),
               **_caption_report({s.key: s.captions for s in samples}, {s.key: preds[s.key]["caption"]
                                                                       for s in samples}),
               "seconds": clock()}
