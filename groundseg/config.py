@@ -324,20 +324,19 @@ def _glamm_tiny() -> GlammConfig:
 
 def _glamm_shapes() -> GlammConfig:
     # shapes-demo's sizes as a GLaMM (trains from scratch on the shapes world: groundseg train --preset
-    # glamm-shapes), with a small region encoder: 2 levels (CLIP hidden states 0 and 3 of its 3 layers, 16x16
-    # patches of a 224-px view, upsampled to 32 and 16 cells at strides 7 and 14), 7x7 RoIs, boxes scaled by the
-    # 224 px the maps really span (the official weights' 224 is a leftover on a 336-px CLIP). Region questions are
+    # glamm-shapes), with a small region encoder: 2 levels (CLIP hidden states 0 and 3 of its 3 layers, 8x8
+    # patches of a 112-px view, upsampled to 16 and 8 cells at strides 7 and 14), 7x7 RoIs, boxes scaled by the
+    # 112 px the maps really span (the official weights' 224 is a leftover on a 336-px CLIP). Region questions are
     # the shapes world's "What is in <bbox>?".
-    # The vision tower reads 224 pixels here (a 16x16 patch grid), not shapes-demo's 112: at 112 a small shape is
-    # under one 14-px patch and region captions named the right shape no more often than chance (20%, with the
-    # colour right 87% of the time).
+    # The vision tower is shapes-demo's (112 px). Trained only through the language and mask losses it could not
+    # tell shapes apart (region captions named the right shape 20% of the time, at 112 or 224 px), so the recipe
+    # pretrains it first on dense colour/shape/size labels (train/vision_pretrain.py).
     base = _shapes_demo()
-    base.vision.clip["image_size"] = 224
     kept = {f.name: getattr(base, f.name) for f in dataclasses.fields(LisaConfig) if f.name not in ("family",)}
     return GlammConfig(**{**kept, "preset": "glamm-shapes"},
                        region=RegionConfig(embed_dims=128, num_levels=2, num_fuse=2, gn_groups=32, roi_size=7,
                                            featmap_strides=(7.0, 14.0), roi_box_scale=None, pos_hidden=64,
-                                           query_dims=128, out_dims=192, grid=16),
+                                           query_dims=128, out_dims=192, grid=8),
                        region_prompt="What is in <bbox>?")
 
 

@@ -113,3 +113,48 @@ def test_init_from_copies_the_shared_tensors_and_keeps_the_region_encoder(tmp_pa
     assert region and all(torch.equal(ours[k], init[k]) for k in region)
     with pytest.raises(InputError, match="no tensor of it matches"):
         init_weights(load_model("sa2va-tiny"), str(tmp_path / "lisa"))
+    # init_exclude: the vision tower keeps its seeded values too (glamm-shapes pretrains it from those)
+    partial, _ = build_for_training(TrainConfig(model="glamm-tiny", from_scratch=True, lora=False, train_all=True,
+                                                init_from=str(tmp_path / "lisa"), init_exclude=["vlm.vision_tower."]))
+    got = partial.state_dict()
+    tower = [k for k in got if k.startswith("vlm.vision_tower.")]
+    assert tower and all(torch.equal(got[k], init[k]) for k in tower)
+    assert all(torch.equal(got[k], src[k]) for k in shared if not k.startswith("vlm.vision_tower."))
+
+
+def test_region_probe_reads_each_boxs_region_vector():
+    # regcap samples carry their boxes' object classes in region-vector order; the probe adds, per box, the CE of
+    # those classes read off the region vector -- with a zeroed probe exactly log(7) + log(7) + log(3) per box.
+    import math
+
+    import torch
+
+    from groundseg.datasets.shapes import COLORS, SHAPES, SIZES, ShapesWorld
+    from groundseg.train.data import ShapesSource
+    from groundseg.train.probes import ProbedModel
+
+    src = ShapesSource(seed=4, image_size=64, tasks={"regcap": 1, "refer": 1}, max_expressions=2)
+    samples = [src.sample(np.random.default_rng(k)) for k in range(4)]
+    boxed = [s for s in samples if s.boxes is not None]
+    assert boxed and len(boxed) < len(samples)
+    model = load_model("glamm-tiny")
+    batch = Collator(model.config, model.tokenizer)(samples)
+    n_boxes = sum(len(b) for s in boxed for b in s.boxes)
+    assert batch.region_attributes.shape == (n_boxes, 3)
+    # each row names its box's object: the answer ("a large red circle") holds those classes' words
+    answers = [a for s in boxed for _, a in s.conversations]
+    for (c, sh, sz), ans in zip(batch.region_attributes.tolist(), answers):
+        assert f"{list(SIZES)[sz - 1]} {list(COLORS)[c - 1]} {SHAPES[sh - 1]}" in ans
+    torch.manual_seed(0)
+    plain = ProbedModel(model, 1.0)
+    probed = ProbedModel(model, 1.0, region_weight=0.5)
+    probed.probes.load_state_dict(plain.probes.state_dict())
+    torch.nn.init.zeros_(probed.region_probe.weight)
+    torch.nn.init.zeros_(probed.region_probe.bias)
+    model.eval()  # no dropout: both passes see the same model
+    with torch.no_grad():
+        base, out = plain(batch), probed(batch)
+    expected = 0.5 * (2 * math.log(7) + math.log(3))  # mean over boxes of the uniform CE, summed over the heads
+    assert float(out["attr_loss"] - base["attr_loss"]) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="region encoder"):
+        ProbedModel(load_model("lisa-tiny"), 1.0, region_weight=1.0)

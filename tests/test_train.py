@@ -235,6 +235,10 @@ def test_cli_values_override_the_recipe():
     assert cfg.steps == 7 and cfg.model == "shapes-demo" and cfg.from_scratch and not cfg.lora
     assert cfg.sample_rates == [3.0, 1.0]
     assert config_from_args(p.parse_args([])).steps == trainer.TrainConfig().steps
+    g = config_from_args(p.parse_args(["--preset", "glamm-shapes", "--init-exclude", "a.,b.",
+                                       "--vision-pretrain-steps", "3"]))
+    assert g.init_exclude == ["a.", "b."] and g.vision_pretrain_steps == 3
+    assert g.vision_pretrain_lr == trainer.RECIPES["glamm-shapes"]["vision_pretrain_lr"]
 
 
 def test_refer_seg_from_disk_mixed_with_shapes(tmp_path):
@@ -397,3 +401,4 @@ def test_every_documented_recipe_builds_a_config_of_a_known_preset():
         assert cfg.out == f"runs/{name}" and cfg.from_scratch
     assert trainer.RECIPES["sa2va-shapes"]["shapes_tasks"]["video"] > 0
     assert trainer.RECIPES["glamm-shapes"]["init_from"] == "shapes-demo"
+    assert trainer.RECIPES["glamm-shapes"]["vision_pretrain_steps"] > 0

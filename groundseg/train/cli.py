@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="build the preset with seeded random weights")
     p.add_argument("--init-from", default=S,
                    help="a model (preset or folder) whose tensors of the same name and shape start the run")
+    p.add_argument("--init-exclude", type=lambda t: t.split(","), default=S,
+                   help="name prefixes --init-from does not copy, e.g. vlm.vision_tower.")
     p.add_argument("--vision-tower", default=S, help="CLIP folder (official LISA checkpoints)")
     p.add_argument("--dataset", default=S, help="datasets joined by '||', e.g. 'refer_seg||shapes'")
     p.add_argument("--sample-rates", type=_floats, default=S, help="one rate per dataset, e.g. 3,1")
@@ -85,6 +87,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auxiliary colour/shape/size probes on SAM's embedding and the [SEG] prompts (shapes data)")
     p.add_argument("--token-attribute-weight", type=float, default=S,
                    help="the attribute probes on the image tokens the LLM reads (with --attribute-weight)")
+    p.add_argument("--region-attribute-weight", type=float, default=S,
+                   help="the attribute probes on GLaMM's region vectors (with --attribute-weight)")
+    p.add_argument("--vision-pretrain-steps", type=int, default=S,
+                   help="first train the vision tower alone on the shapes world's colour/shape/size labels (0 = off)")
+    p.add_argument("--vision-pretrain-batch", type=int, default=S, help="images per step of that stage")
+    p.add_argument("--vision-pretrain-lr", type=float, default=S)
+    p.add_argument("--vision-pretrain-images", type=int, default=S, help="distinct images that stage cycles through")
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--save-every", type=int, default=S)
     p.add_argument("--log-every", type=int, default=S)

@@ -78,6 +78,8 @@ class TrainSample:
     mask_attributes: np.ndarray | None = None
     # Region prompts (GLaMM): per conversation, (n, 4) pixel xyxy boxes, one per <bbox> of its question, in order.
     boxes: list[np.ndarray] | None = None
+    # ... and (shapes world) the (n, 3) colour/shape/size classes of each box's object, for the region probe.
+    box_attributes: list[np.ndarray] | None = None
     # Videos (Sa2VA): the T frames, ``image`` is the first; ``masks`` is then (n, T, H, W).
     frames: list[np.ndarray] | None = None
 
@@ -242,9 +244,10 @@ class ShapesSource:
             return None
         picks = rng.permutation(len(item.region_questions))[: self.max_expressions]
         qs = [item.region_questions[int(j)] for j in picks]
-        amap, mattr = attribute_labels(item, [])
+        amap, boxed = attribute_labels(item, [q.target for q in qs])
         return TrainSample(item.image, [(q.question, q.answer) for q in qs], self._masks(item, []), "regcap", amap,
-                           mattr, boxes=[np.asarray([q.box], np.float32) for q in qs])
+                           boxed[:0], boxes=[np.asarray([q.box], np.float32) for q in qs],
+                           box_attributes=[boxed[k:k + 1] for k in range(len(qs))])
 
     def _video(self, item, rng) -> TrainSample | None:
         # One expression of a moving-shapes video (attribute or motion), answered with the target's name; the
@@ -407,6 +410,10 @@ class Collator:
             g = int(round(self.config.vision.image_size / int(self.config.vision.clip["patch_size"])))
             batch.token_attribute_maps = torch.stack([torch.from_numpy(crop_grid_labels(s.attribute_map, g))
                                                       for s in samples])
+        boxed = [s for s in samples if s.boxes is not None and any(len(b) for b in s.boxes)]
+        if boxed and all(s.box_attributes is not None for s in boxed):  # in region-vector order: rows, then boxes
+            batch.region_attributes = torch.from_numpy(np.concatenate(
+                [np.asarray(a, np.int64).reshape(-1, 3) for s in boxed for a in s.box_attributes if len(a)]))
         return batch
 
 

@@ -61,9 +61,13 @@ class ProbedModel(nn.Module):
     ``token_weight`` > 0 adds a third probe, on the image tokens the LLM reads (the projected vision-tower patches):
     each patch's colour, shape and size class. Generating a description of the image (grounded captions, region
     captions) needs those tokens to say what is where; naming what the question names does not, so without this
-    a from-scratch vision tower learns little about shapes."""
+    a from-scratch vision tower learns little about shapes.
 
-    def __init__(self, model: nn.Module, weight: float, token_weight: float = 0.0):
+    ``region_weight`` > 0 (GLaMM models) adds the same classifiers on each region vector, the vector that replaces a
+    ``<bbox>``: the colour, shape and size of the box's object (``LisaBatch.region_attributes``), so the region
+    encoder must carry what a region caption names, whatever the LLM has learnt to say so far."""
+
+    def __init__(self, model: nn.Module, weight: float, token_weight: float = 0.0, region_weight: float = 0.0):
         super().__init__()
         from ..datasets.shapes import COLORS, SHAPES, SIZES
 
@@ -75,6 +79,11 @@ class ProbedModel(nn.Module):
         self.probes = AttributeProbes(dim, model.config.out_dim, classes)
         if self.token_weight:
             self.token_probe = nn.Linear(model.vlm.language_model.config.hidden_size, sum(classes))
+        self.region_weight = float(region_weight)
+        if self.region_weight:
+            if not hasattr(model, "encode_regions"):
+                raise ValueError("the region probe needs a model with a region encoder (GLaMM)")
+            self.region_probe = nn.Linear(model.config.region.out_dims, sum(classes))
 
     @property
     def config(self):
@@ -99,5 +108,22 @@ class ProbedModel(nn.Module):
             tokens = F.layer_norm(tokens.to(self.token_probe.weight.dtype), tokens.shape[-1:])
             logits = self.token_probe(tokens).transpose(1, 2)  # (B, K, g * g)
             out["attr_loss"] = out["attr_loss"] + self.token_weight * self.probes._ce(logits, labels)
+        if self.region_weight and batch.region_attributes is not None:
+            out["attr_loss"] = out["attr_loss"] + self.region_weight * self._region_ce(batch, out["image_levels"])
         out["loss"] = out["loss"] + out["attr_loss"]
         return out
+
+    def _region_ce(self, batch, levels: list[torch.Tensor]) -> torch.Tensor:
+        """CE of the colour, shape and size of each region box's object, read off its region vector (the vector
+        that replaces its ``<bbox>``), in the order of ``batch.region_attributes``."""
+        offset = batch.offset.tolist()
+        row_images = [i for i in range(len(offset) - 1) for _ in range(offset[i], offset[i + 1])]
+        rows = [r for r, b in enumerate(batch.region_boxes or []) if b is not None and len(b)]
+        if not rows:
+            return levels[0].new_zeros(())
+        dev = levels[0].device
+        vectors = self.model.encode_regions([lv[[row_images[r] for r in rows]] for lv in levels],
+                                            [batch.region_boxes[r].to(dev) for r in rows]).features
+        vectors = torch.cat(list(vectors)).to(self.region_probe.weight.dtype)
+        logits = self.region_probe(F.layer_norm(vectors, vectors.shape[-1:]))
+        return self.probes._ce(logits, batch.region_attributes.to(dev))

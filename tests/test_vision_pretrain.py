@@ -1,0 +1,95 @@
+"""The vision pretraining stage (train/vision_pretrain.py): its labels, its pooled loss against a hand computation,
+that it trains the tower only and leaves no trace in the model, and its place in a run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from groundseg.train import trainer
+from groundseg.train.vision_pretrain import (CLASSES, attribute_losses, object_logits, pretrain_vision,
+                                             shapes_patch_labels)
+
+
+def test_patch_labels_are_the_objects_under_the_patch_centres():
+    from groundseg.datasets.shapes import COLORS, SHAPES, SIZES, ShapesWorld
+
+    item = ShapesWorld(seed=3, image_size=64).image(0)
+    lab = shapes_patch_labels(item, 4)  # 16-px patches of a 64-px square image: centres at 8, 24, 40, 56
+    assert lab.shape == (4, 4, 4) and lab.dtype == np.int64
+    by_id = {o.id: o for o in item.objects}
+    for r, y in enumerate((8, 24, 40, 56)):
+        for c, x in enumerate((8, 24, 40, 56)):
+            top = [o for o in item.objects if o.mask[y, x]]
+            oid = max((o.id for o in top), default=0)  # masks are the visible pixels, so at most one holds
+            assert len(top) <= 1 and lab[3, r, c] == oid
+            if oid:
+                o = by_id[oid]
+                assert lab[:3, r, c].tolist() == [list(COLORS).index(o.color) + 1, SHAPES.index(o.shape) + 1,
+                                                  list(SIZES).index(o.size) + 1]
+            else:
+                assert lab[:3, r, c].tolist() == [0, 0, 0]
+
+
+def test_object_logits_average_each_objects_patches():
+    # 1 image, 4 patches: object 2 on patches 0 and 2, object 5 on patch 3, background on patch 1
+    c = sum(CLASSES)
+    logits = torch.arange(4 * c, dtype=torch.float32).reshape(1, 4, c)
+    # rows: colour, shape, size, object id of each patch
+    labels = torch.tensor([[[1, 0, 1, 2], [1, 0, 1, 2], [1, 0, 1, 2], [2, 0, 2, 5]]])
+    pooled, targets = object_logits(logits, labels)
+    assert pooled.shape == (2, c)
+    assert torch.equal(pooled[0], (logits[0, 0] + logits[0, 2]) / 2) and torch.equal(pooled[1], logits[0, 3])
+    assert targets.tolist() == [[1, 1, 1], [2, 2, 2]]
+
+
+def test_losses_against_hand_values():
+    # uniform logits: every CE is log(classes); the patch loss sums the three heads, the object loss too
+    labels = torch.tensor([[[1, 0, 3], [2, 0, 4], [1, 0, 2], [7, 0, 9]]])  # (1, 4, 3): colour/shape/size/id rows
+    logits = torch.zeros(1, 3, sum(CLASSES))
+    patch, obj = attribute_losses(logits, labels)
+    expected = sum(math.log(k) for k in CLASSES)
+    assert float(patch) == pytest.approx(expected, rel=1e-6) and float(obj) == pytest.approx(expected, rel=1e-6)
+    # no object at all: the object loss is 0, not NaN
+    _, none = attribute_losses(logits, torch.zeros(1, 4, 3, dtype=torch.long))
+    assert float(none) == 0.0
+
+
+def test_stage_trains_the_tower_alone_and_learns_colour():
+    from groundseg import load_model
+
+    model = load_model("lisa-tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    torch.manual_seed(0)
+    result = pretrain_vision(model, steps=60, batch_size=16, lr=3e-3, images=200, seed=5, image_size=64,
+                             held_out=40, log=None)
+    after = model.state_dict()
+    assert set(after) == set(before)  # the head is gone
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("vlm.vision_tower.") for k in changed)
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+    # colour is a per-pixel property: 60 steps take it far above the 1/6 of a guess on held-out images
+    assert result.object_accuracy["colour"] > 0.6, result
+    assert set(result.patch_accuracy) == {"colour", "shape", "size"}
+
+
+def test_a_run_pretrains_first_and_records_it(tmp_path, monkeypatch):
+    from groundseg.train.data import build_source
+
+    real = build_source
+    monkeypatch.setattr(trainer, "build_source", lambda *a, **kw: real(*a, **{**kw, "image_size": 64}))
+    cfg = trainer.TrainConfig(out=str(tmp_path / "run"), model="lisa-tiny", dataset="shapes",
+                              shapes_tasks={"refer": 1}, shapes_image_size=64, steps=2, batch_size=2,
+                              warmup_steps=1, save_every=2, log_every=1, progress=False, lora=False, train_all=True,
+                              vision_pretrain_steps=5, vision_pretrain_batch=4, vision_pretrain_images=20)
+    out = trainer.train(cfg)
+    rec = json.loads((out / "vision_pretrain.json").read_text())
+    assert rec["steps"] == 5 and set(rec["object_accuracy"]) == {"colour", "shape", "size"}
+    with pytest.raises(trainer.InputError, match="shapes world"):
+        trainer.train(trainer.TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "r2"),
+                                             "dataset": "refer_seg", "data_root": str(tmp_path)}))
