@@ -301,8 +301,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(f"--data-root {args.data_root}: folder not found")
     if not args.predictions:
         from .eval.report import check_out
+        from .hub import default_model
 
-        check_out(args.out, args.resume)
+        check_out(args.out, args.resume, args.model or default_model())
     if task in ("gcg", "regcap"):
         return _eval_captioning(task, args)
     if args.predictions:

@@ -109,6 +109,10 @@ def test_resume_after_a_kill_gives_the_same_report(tiny_run, shapes_dir, tmp_pat
     # A different run in the same folder is refused.
     assert main(args + ["--resume", "--protocol", "generate"]) == 2
     assert "holds a different run (protocol: 'teacher-forced' there, 'generate' now)" in capsys.readouterr().err
+    # ... and a different model is told before any model is loaded: this name does not even exist
+    other = [a if a != "lisa-tiny" else "no-such-model" for a in args]
+    assert main(other + ["--resume"]) == 2
+    assert "holds a different run (model: 'lisa-tiny' there, 'no-such-model' now)" in capsys.readouterr().err
 
 
 class Stub:

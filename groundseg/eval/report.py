@@ -119,12 +119,19 @@ class PredictionLog:
         os.close(self._fd)
 
 
-def check_out(out: str | os.PathLike | None, resume: bool) -> None:
+def check_out(out: str | os.PathLike | None, resume: bool, model: str | None = None) -> None:
     """What :func:`start_run` would refuse that can be told before a model is loaded (which can take minutes): a
-    folder that already holds predictions without ``--resume``."""
+    folder that already holds predictions without ``--resume``, and, with ``--resume`` and a ``model`` name, a
+    ``run.json`` made with another model."""
     if out and not resume and (Path(out) / "predictions.jsonl").exists():
         raise InputError(f"{Path(out) / 'predictions.jsonl'} exists: pass --resume to continue that run, or choose "
                          "another --out")
+    run_path = Path(out) / "run.json" if out else None
+    if resume and model is not None and run_path is not None and run_path.is_file():
+        before = read_json(run_path)
+        if isinstance(before, dict) and "model" in before and before["model"] != model:
+            raise InputError(f"--resume: {out} holds a different run (model: {before['model']!r} there, "
+                             f"{model!r} now)")
 
 
 def start_run(out: str | os.PathLike, run: dict, resume: bool) -> tuple[Path, PredictionLog]:

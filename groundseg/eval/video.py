@@ -421,8 +421,8 @@ def run_cli(args) -> int:
 
         from .report import check_out
 
-        check_out(args.out, args.resume)  # before the model, which can take minutes to load
         name = args.model or default_track_model()
+        check_out(args.out, args.resume, name)  # before the model, which can take minutes to load
         model = load_model(name, device=_device(args.device), dtype=getattr(torch, DTYPES[args.dtype]))
         if not hasattr(model, "track"):
             raise InputError(f"--model {name}: the {model.family} family cannot track videos; use a Sa2VA model")
