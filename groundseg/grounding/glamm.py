@@ -108,7 +108,8 @@ class GlammModel(LisaModel):
             for r, f in zip(rows, out.features):
                 feats[r] = f
         embeds = replace_bbox_embeddings(emb.inputs_embeds, emb.token_ids, self.bbox_token_id, feats)
-        return Embedded(embeds, emb.attention_mask, emb.labels, emb.token_ids)
+        vectors = torch.cat([f for f in feats if f is not None]) if rows else None
+        return Embedded(embeds, emb.attention_mask, emb.labels, emb.token_ids, vectors)
 
     def _decode_answer(self, ids: list[int]) -> str:
         # GLaMM's tokens are special tokens: keep them ([SEG], <p>, </p> are the answer's grounding), drop only

@@ -315,7 +315,7 @@ class LisaModel(nn.Module):
             zero = ce.new_zeros(())
             return {"loss": ce, "ce_loss": ce, "mask_bce_loss": zero, "mask_dice_loss": zero, "mask_loss": zero,
                     "pred_masks": [], "sam_embeddings": None, "seg_prompts": ce.new_zeros(0, self.config.out_dim),
-                    "image_tokens": feats, "image_levels": levels}
+                    "image_tokens": feats, "region_vectors": emb.region_vectors}
         with torch.no_grad() if not any(p.requires_grad for p in self.sam.sam.image_encoder.parameters()) \
                 else torch.enable_grad():
             sam_emb = self.sam.encode(batch.sam_pixel_values.to(dev))
@@ -332,7 +332,7 @@ class LisaModel(nn.Module):
         mask_loss = bce + dice
         return {"loss": ce + mask_loss, "ce_loss": ce, "mask_bce_loss": bce, "mask_dice_loss": dice,
                 "mask_loss": mask_loss, "pred_masks": pred_masks, "sam_embeddings": sam_emb, "image_tokens": feats,
-                "image_levels": levels,
+                "region_vectors": emb.region_vectors,
                 "seg_prompts": torch.cat(prompts) if prompts else sam_emb.new_zeros(0, self.config.out_dim)}
 
 

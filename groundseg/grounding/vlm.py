@@ -36,12 +36,15 @@ class Embedded:
     """A batch of prompts with the image spliced in.
 
     ``inputs_embeds`` (B, T, H); ``attention_mask`` (B, T) bool; ``labels`` (B, T) or None; ``token_ids`` (B, T): the
-    id at each embedded position (:data:`IMAGE_TOKEN_INDEX` at image positions, pad id at padding)."""
+    id at each embedded position (:data:`IMAGE_TOKEN_INDEX` at image positions, pad id at padding).
+    ``region_vectors`` (n, H): the region vectors spliced in at ``<bbox>`` positions (GLaMM), rows then boxes in
+    order, or None."""
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None
     token_ids: torch.Tensor
+    region_vectors: torch.Tensor | None = None
 
 
 @dataclass

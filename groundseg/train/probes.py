@@ -108,22 +108,10 @@ class ProbedModel(nn.Module):
             tokens = F.layer_norm(tokens.to(self.token_probe.weight.dtype), tokens.shape[-1:])
             logits = self.token_probe(tokens).transpose(1, 2)  # (B, K, g * g)
             out["attr_loss"] = out["attr_loss"] + self.token_weight * self.probes._ce(logits, labels)
-        if self.region_weight and batch.region_attributes is not None:
-            out["attr_loss"] = out["attr_loss"] + self.region_weight * self._region_ce(batch, out["image_levels"])
+        if self.region_weight and batch.region_attributes is not None and out.get("region_vectors") is not None:
+            vectors = out["region_vectors"].to(self.region_probe.weight.dtype)
+            logits = self.region_probe(F.layer_norm(vectors, vectors.shape[-1:]))
+            out["attr_loss"] = out["attr_loss"] + self.region_weight * self.probes._ce(
+                logits, batch.region_attributes.to(logits.device))
         out["loss"] = out["loss"] + out["attr_loss"]
         return out
-
-    def _region_ce(self, batch, levels: list[torch.Tensor]) -> torch.Tensor:
-        """CE of the colour, shape and size of each region box's object, read off its region vector (the vector
-        that replaces its ``<bbox>``), in the order of ``batch.region_attributes``."""
-        offset = batch.offset.tolist()
-        row_images = [i for i in range(len(offset) - 1) for _ in range(offset[i], offset[i + 1])]
-        rows = [r for r, b in enumerate(batch.region_boxes or []) if b is not None and len(b)]
-        if not rows:
-            return levels[0].new_zeros(())
-        dev = levels[0].device
-        vectors = self.model.encode_regions([lv[[row_images[r] for r in rows]] for lv in levels],
-                                            [batch.region_boxes[r].to(dev) for r in rows]).features
-        vectors = torch.cat(list(vectors)).to(self.region_probe.weight.dtype)
-        logits = self.region_probe(F.layer_norm(vectors, vectors.shape[-1:]))
-        return self.probes._ce(logits, batch.region_attributes.to(dev))
