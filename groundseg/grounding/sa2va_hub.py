@@ -138,25 +138,25 @@ def load_official_sa2va(folder: str | os.PathLike, sam2: Sam2Config | None = Non
 
 
 def load_sa2va_pretrained(folder: str | os.PathLike) -> Sa2VAModel:
-    """Our format: ``config.json`` with ``family: sa2va``, ``model.safetensors``, tokenizer files."""
+    """Our format: ``config.json`` with ``family: sa2va`` (and ``backbone: qwen2_5_vl`` for the Qwen2.5-VL
+    backbone), ``model.safetensors``, tokenizer files."""
     from safetensors.torch import load_file
 
     from ..hub import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_strict, load_tokenizer
 
     folder = Path(folder)
     raw = json.loads((folder / CONFIG_NAME).read_text())
-    # --- Qwen2.5-VL backbone
-    if raw.get("backbone", "internvl") != "internvl":
-        from .sa2va_qwen import BACKBONE, load_sa2va_qwen_pretrained
+    config_cls = Sa2VAConfig
+    if raw.get("backbone", "internvl") != "internvl":  # the Qwen2.5-VL backbone: same files, its own config
+        from .sa2va_qwen import BACKBONE, Sa2VAQwenConfig
 
         if raw["backbone"] != BACKBONE:
             raise CheckpointError(f"{folder / CONFIG_NAME}: Sa2VA backbone {raw['backbone']!r} is not supported "
                                   f"(known: internvl, {BACKBONE})")
-        return load_sa2va_qwen_pretrained(folder)
-    # ---
+        config_cls = Sa2VAQwenConfig
     raw.pop("groundseg_version", None)
     try:
-        cfg = Sa2VAConfig.from_dict(raw)
+        cfg = config_cls.from_dict(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_NAME}: {e}")
     weights = folder / WEIGHTS_NAME

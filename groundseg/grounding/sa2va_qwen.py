@@ -460,28 +460,6 @@ def load_official_sa2va_qwen(folder: str | os.PathLike, sam2: Sam2Config | None 
     return model.eval()
 
 
-def load_sa2va_qwen_pretrained(folder: str | os.PathLike) -> Sa2VAQwenModel:
-    """Our format: ``config.json`` with ``family: sa2va`` and ``backbone: qwen2_5_vl``, ``model.safetensors``,
-    tokenizer files."""
-    from safetensors.torch import load_file
-
-    from ..hub import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_strict, load_tokenizer
-
-    folder = Path(folder)
-    raw = json.loads((folder / CONFIG_NAME).read_text())
-    raw.pop("groundseg_version", None)
-    try:
-        cfg = Sa2VAQwenConfig.from_dict(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: {e}")
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}")
-    model = _empty(cfg, load_tokenizer(folder))
-    load_strict(model, load_file(str(weights)), str(weights))
-    return model.eval()
-
-
 def official_state_dict(model: Sa2VAQwenModel, layout: str = "modern") -> dict[str, torch.Tensor]:
     """The model's tensors under the release's names (``layout``: ``modern``, ``legacy`` -- transformers before
     4.52 -- or ``xtuner``, the training layout with ``mllm.`` before every key), e.g. to write a release-style
