@@ -129,6 +129,11 @@ class LisaConfig:
     # The answer teacher-forced evaluation fixes: LISA's "[SEG]."; "{}" stands for the expression (a model trained
     # to answer "Sure, <p>the red circle</p> [SEG]." is evaluated on that form).
     answer_template: str = "[SEG]."
+    # Boxes out through the mask decoder: the state that predicts a <box> token prompts SAM like a [SEG] state, and
+    # the box's coordinates are written from that mask's extent instead of being generated digit by digit.
+    # Training supervises that state with the box's object mask and leaves the coordinate tokens out of the CE.
+    # Off for LISA (whose answers have no boxes); shapes-demo uses it (README, "Numbers").
+    box_from_mask: bool = False
     # Where official weights come from for a preset (hub id or folder); None for presets built from scratch.
     checkpoint: str | None = None
 
@@ -230,7 +235,7 @@ def _shapes_demo() -> LisaConfig:
         sam=SamConfig(encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=4, encoder_global_attn_indexes=(3,),
                       image_size=128, vit_patch_size=8, window_size=8, prompt_embed_dim=64, decoder_mlp_dim=256,
                       decoder_num_heads=4, iou_head_hidden_dim=64),
-        out_dim=64, tokenization="plain", system=SHAPES_SYSTEM, answer_template=SHAPES_ANSWER)
+        out_dim=64, tokenization="plain", system=SHAPES_SYSTEM, answer_template=SHAPES_ANSWER, box_from_mask=True)
 
 
 # --------------------------------------------------------------------------------------------- GLaMM

@@ -3,7 +3,8 @@
 Three paths share the parts:
 
 * :meth:`LisaModel.segment` -- chat: greedy KV-cache generation, then one mask per ``[SEG]`` (and per ``<box>``) in
-  the answer, every prompt of an image decoded in one SAM call.
+  the answer, every prompt of an image decoded in one SAM call. With ``config.box_from_mask`` a ``<box>``'s
+  coordinates are written during generation from the mask its state prompts (:meth:`LisaModel._box_continuation`).
 * :meth:`LisaModel.segment_teacher_forced` -- LISA's evaluation: the answer is fixed to ``"[SEG]."`` and all
   expressions of an image go through the LLM in one batched forward.
 * :meth:`LisaModel.forward` -- training: LISA's CE + BCE + Dice losses on a collated batch.
@@ -26,7 +27,7 @@ from ..io import InputError, load_image, masks_to_boxes_xyxy
 from ..result import Result
 from ..train.losses import mask_losses, token_ce
 from .conversation import Conversation, PromptTokenizer, image_question
-from .tokens import SEG, parse_boxes, token_id
+from .tokens import BOX_START, SEG, format_box, parse_boxes, token_id
 from .vlm import Embedded, VisionLanguageModel
 
 EVAL_QUESTION = "What is {} in this image? Please output segmentation mask."
@@ -119,6 +120,8 @@ class LisaModel(nn.Module):
             return
         self.prompt_tokenizer = PromptTokenizer(tokenizer, config.tokenization)
         self.seg_token_id = token_id(tokenizer, SEG)
+        # box_from_mask: the <box> token prompts SAM too (its id must be one token of the vocabulary).
+        self.box_token_id = token_id(tokenizer, BOX_START) if config.box_from_mask else None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         self.eos_id = tokenizer.eos_token_id
         if len(tokenizer) > config.llm["vocab_size"]:
@@ -178,8 +181,10 @@ class LisaModel(nn.Module):
         input_ids = torch.tensor(rows, device=self.device)
         return self.vlm.embed(input_ids, image_features, self.pad_id)
 
-    def _seg_states(self, token_ids: torch.Tensor, states: torch.Tensor) -> list[torch.Tensor]:
-        """Per row, the last-layer states that feed the mask decoder, one per ``[SEG]``.
+    def _seg_states(self, token_ids: torch.Tensor, states: torch.Tensor,
+                    prompt_ids: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Per row, the last-layer states that feed the mask decoder, one per ``[SEG]`` (one per token of
+        ``prompt_ids`` in text order, if given: ``[SEG]`` and ``<box>`` for ``box_from_mask`` training).
 
         LISA uses the state at the position BEFORE each ``[SEG]``: the state whose logits predicted ``[SEG]``.
         Its released weights learnt ``text_hidden_fcs`` on exactly that state (the training mask is
@@ -187,7 +192,9 @@ class LisaModel(nn.Module):
         choice gives different masks from the same checkpoint."""
         out = []
         for r in range(token_ids.shape[0]):
-            pos = (token_ids[r] == self.seg_token_id).nonzero().flatten()
+            ids = torch.as_tensor(prompt_ids if prompt_ids is not None else [self.seg_token_id],
+                                  device=token_ids.device)
+            pos = torch.isin(token_ids[r], ids).nonzero().flatten()
             pos = pos[pos > 0] - 1
             out.append(states[r, pos])
         return out
@@ -218,6 +225,7 @@ class LisaModel(nn.Module):
         sam_embeddings = self.sam.encode(torch.stack([p.sam for p in prepared]).to(self.device))
 
         feats = image_features[[i for i, _ in pairs]]
+        box_states = None
         if answer is not None:  # teacher-forced: the answer is given, one forward for every prompt
             answers = [answer.replace("{}", p.strip()) for _, p in pairs]
             id_lists = [self.prompt_tokenizer(self.conversation.prompt(
@@ -230,9 +238,14 @@ class LisaModel(nn.Module):
             id_lists = [self.prompt_tokenizer(self.chat_prompt(p)) for _, p in pairs]
             emb = self._with_regions(self._embed_batch(id_lists, feats, left_pad=True), levels, row_images,
                                      row_boxes)
+            hook = None
+            if self.config.box_from_mask:
+                hook = self._box_continuation([prepared[i] for i, _ in pairs], sam_embeddings[row_images])
             gen = self.vlm.generate(emb.inputs_embeds, emb.attention_mask, emb.token_ids, max_new_tokens,
-                                    self.eos_id, self.pad_id)
+                                    self.eos_id, self.pad_id, continue_with=hook)
             seg_states = self._seg_states(gen.token_ids, gen.hidden_states)
+            if self.config.box_from_mask:
+                box_states = self._seg_states(gen.token_ids, gen.hidden_states, [self.box_token_id])
             answers = [self._decode_answer(t) for t in gen.new_tokens]
 
         results: list[Result | None] = [None] * len(pairs)
@@ -241,28 +254,44 @@ class LisaModel(nn.Module):
             if not members:
                 continue
             results_for = self._decode_image(prep, sam_embeddings[img_idx:img_idx + 1],
-                                             [seg_states[k] for k in members], [answers[k] for k in members])
+                                             [seg_states[k] for k in members], [answers[k] for k in members],
+                                             [box_states[k] for k in members] if box_states is not None else None)
             for k, res in zip(members, results_for):
                 results[k] = res
         return results
 
     def _decode_image(self, prep: PreparedImage, sam_embedding: torch.Tensor, seg_states: list[torch.Tensor],
-                      answers: list[str]) -> list[Result]:
-        """All [SEG] and <box> prompts of every answer about one image, in one mask-decoder call."""
+                      answers: list[str], box_states: list[torch.Tensor] | None = None) -> list[Result]:
+        """All [SEG] and <box> prompts of every answer about one image, in one mask-decoder call.
+
+        A ``<box>`` becomes a SAM box prompt, or, with ``box_states`` (``box_from_mask``: one state per ``<box>``
+        token generated), the mask that state prompts, the one the box was written from."""
         h, w = prep.original_size
-        text_embeds = [self.seg_projector(s) for s in seg_states]
         answer_boxes = [parse_boxes(a, (h, w)) for a in answers]
-        n_seg = [len(t) for t in text_embeds]
+        if box_states is not None:  # a box whose text was cut short (max_new_tokens) has no parsed entry
+            box_states = [b[:len(bs)] for b, bs in zip(box_states, answer_boxes)]
+            seg_states = [torch.cat([s, b]) for s, b in zip(seg_states, box_states)]
+        text_embeds = [self.seg_projector(s) for s in seg_states]
+        n_seg = [len(t) - (len(bs) if box_states is not None else 0) for t, bs in zip(text_embeds, answer_boxes)]
         n_box = [len(b) for b in answer_boxes]
+        n_prompt = [len(t) for t in text_embeds]
         logits = torch.zeros(0, h, w)
         if sum(n_seg) + sum(n_box):
             boxes = None
-            if sum(n_box):
+            if sum(n_box) and box_states is None:
                 xyxy = torch.tensor([b.box for bs in answer_boxes for b in bs], device=self.device)
                 boxes = self.sam.box_to_input_frame(xyxy, prep.original_size)
-            low_res, _ = self.sam.decode(sam_embedding, torch.cat(text_embeds) if sum(n_seg) else None, boxes)
+            low_res, _ = self.sam.decode(sam_embedding, torch.cat(text_embeds) if sum(n_prompt) else None, boxes)
             logits = self.sam.postprocess(low_res, prep.input_size, prep.original_size)[:, 0].cpu()
-        seg_logits, box_logits = logits[:sum(n_seg)].split(n_seg), logits[sum(n_seg):].split(n_box)
+        if box_states is not None:  # rows are per answer: its [SEG]s then its boxes
+            per_answer = logits.split(n_prompt)
+            seg_logits = [x[:n] for x, n in zip(per_answer, n_seg)]
+            # each box's mask keeps only its largest connected part, the one the box was written from
+            box_logits = [torch.stack([torch.where(torch.from_numpy(largest_component(b > 0)), b, b.clamp(max=-1e-4))
+                                       for b in x[n:]]) if len(x) > n else x[n:]
+                          for x, n in zip(per_answer, n_seg)]
+        else:
+            seg_logits, box_logits = logits[:sum(n_seg)].split(n_seg), logits[sum(n_seg):].split(n_box)
         out = []
         for answer, sl, bl, bs in zip(answers, seg_logits, box_logits, answer_boxes):
             both = torch.cat([sl, bl])
@@ -270,6 +299,23 @@ class LisaModel(nn.Module):
             sources = ["seg"] * len(sl) + ["box"] * len(bs)
             out.append(make_result(answer, both, phrases, sources))
         return out
+
+    def _box_continuation(self, row_prepared: list[PreparedImage], row_sam: torch.Tensor):
+        """``vlm.generate``'s ``continue_with`` for ``box_from_mask``: when a row chooses ``<box>``, the state that
+        chose it prompts SAM on the row's image, and the row is made to write that mask's box,
+        ``(x1,y1),(x2,y2)</box>`` on the 0-1000 grid: the box of the mask's largest connected part, so a few stray
+        pixels elsewhere do not stretch it (an empty mask gives the whole image's box)."""
+        def hook(row: int, token: int, state: torch.Tensor) -> list[int]:
+            if token != self.box_token_id:
+                return []
+            prep = row_prepared[row]
+            low_res, _ = self.sam.decode(row_sam[row:row + 1], self.seg_projector(state[None]))
+            mask = largest_component(self.sam.postprocess(low_res, prep.input_size, prep.original_size)[0, 0] > 0)
+            h, w = prep.original_size
+            box = masks_to_boxes_xyxy(mask[None])[0] if mask.any() else np.array([0, 0, w, h], np.float32)
+            text = format_box(box, (h, w))[len(BOX_START):]  # "(x1,y1),(x2,y2)</box>"
+            return self.prompt_tokenizer.encode_chunk(text)
+        return hook
 
     # ------------------------------------------------------------------------------------------ evaluation
 
@@ -308,7 +354,8 @@ class LisaModel(nn.Module):
         emb = self._with_regions(emb, levels, row_images, batch.region_boxes)
         states, _ = self.vlm.run(emb.inputs_embeds, emb.attention_mask)
         ce = token_ce(self.vlm.logits(states), emb.labels) * self.config.losses.ce_weight
-        seg = self._seg_states(emb.token_ids, states)
+        seg = self._seg_states(emb.token_ids, states,
+                               [self.seg_token_id, self.box_token_id] if self.config.box_from_mask else None)
         if batch.sam_pixel_values is None:  # text-only targets (e.g. region captions): no mask losses
             if any(len(s) for s in seg):
                 raise ValueError("a batch without SAM inputs has [SEG] tokens in its conversations")
@@ -334,6 +381,18 @@ class LisaModel(nn.Module):
                 "mask_loss": mask_loss, "pred_masks": pred_masks, "sam_embeddings": sam_emb, "image_tokens": feats,
                 "region_vectors": emb.region_vectors,
                 "seg_prompts": torch.cat(prompts) if prompts else sam_emb.new_zeros(0, self.config.out_dim)}
+
+
+def largest_component(mask) -> np.ndarray:
+    """The largest 8-connected part of a boolean (H, W) mask (array or tensor), as a bool array; empty stays
+    empty."""
+    import cv2
+
+    m = np.ascontiguousarray(mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask, dtype=np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n <= 2:  # background plus at most one part
+        return m.astype(bool)
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
 def pair_prompts(images, prompts: str | Sequence[str]) -> tuple[list, list[tuple[int, str]]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -163,11 +163,16 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, token_ids: torch.Tensor,
-                 max_new_tokens: int, eos_token_id: int, pad_id: int) -> Generation:
+                 max_new_tokens: int, eos_token_id: int, pad_id: int,
+                 continue_with: Callable[[int, int, torch.Tensor], Sequence[int]] | None = None) -> Generation:
         """Greedy decoding with the KV cache from a left-padded prompt batch.
 
         ``inputs_embeds`` (B, T, H), ``attention_mask`` (B, T), ``token_ids`` (B, T). Every fed position's
-        last-layer state is kept, the prompt's from the prefill and one more per step."""
+        last-layer state is kept, the prompt's from the prefill and one more per step.
+
+        ``continue_with(row, token, state)``, if given, sees each chosen token with the state whose logits chose it
+        and may return tokens that row must emit next instead of choosing them (e.g. a box's coordinates read off
+        the mask that ``<box>``'s state prompts); they count against ``max_new_tokens`` like chosen ones."""
         b = inputs_embeds.shape[0]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         states, cache = self.run(inputs_embeds, attention_mask, position_ids, use_cache=True)
@@ -179,8 +184,14 @@ class VisionLanguageModel(nn.Module):
         last = states[:, -1]
         next_pos = position_ids[:, -1:] + 1
         embed = self.language_model.get_input_embeddings()
+        queued: list[list[int]] = [[] for _ in range(b)]  # tokens continue_with asked for, per row
         for step in range(max_new_tokens):
             nxt = self.logits(last).argmax(-1)  # (B,)
+            for r in range(b):
+                if queued[r]:
+                    nxt[r] = queued[r].pop(0)
+                elif continue_with is not None and not done[r]:
+                    queued[r] = list(continue_with(r, int(nxt[r]), last[r]))
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             for r in range(b):
                 if not done[r]:

@@ -21,6 +21,7 @@ LISA's ``--dataset sem_seg||refer_seg||vqa||reason_seg --sample_rates 9,3,3,1`` 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -31,7 +32,7 @@ import torch
 from ..config import LisaConfig
 from ..grounding.conversation import Conversation, PromptTokenizer, image_question
 from ..grounding.lisa import LisaBatch, prepare_image
-from ..grounding.tokens import BBOX, IGNORE_INDEX, SEG, count_seg
+from ..grounding.tokens import BBOX, BOX_END, BOX_START, IGNORE_INDEX, SEG, count_seg
 from ..io import InputError
 
 # Question and answer wordings for referring segmentation (several, so the model does not learn one phrasing).
@@ -82,11 +83,21 @@ class TrainSample:
     box_attributes: list[np.ndarray] | None = None
     # Videos (Sa2VA): the T frames, ``image`` is the first; ``masks`` is then (n, T, H, W).
     frames: list[np.ndarray] | None = None
+    # Box answers: (n, H, W) masks (and (n, 3) attribute classes) of the object of each <box> across
+    # ``conversations`` in order. Models with ``box_from_mask`` learn them on the state that predicts <box>;
+    # the others do not use them.
+    box_masks: np.ndarray | None = None
+    box_mask_attributes: np.ndarray | None = None
 
     def __post_init__(self):
         n = sum(count_seg(a) for _, a in self.conversations)
         if n != len(self.masks):
             raise ValueError(f"sample ({self.task}) has {n} [SEG] in its answers but {len(self.masks)} masks")
+        if self.box_masks is not None:
+            n_box = sum(a.count(BOX_START) for _, a in self.conversations)
+            if n_box != len(self.box_masks):
+                raise ValueError(f"sample ({self.task}) has {n_box} <box> in its answers but {len(self.box_masks)} "
+                                 "box masks")
         for k, (q, _) in enumerate(self.conversations):
             given = 0 if self.boxes is None else len(self.boxes[k])
             if q.count(BBOX) != given:
@@ -266,11 +277,17 @@ class ShapesSource:
                            "video", frames=list(video.frames))
 
     def _box(self, item, rng) -> TrainSample | None:
+        # Up to max_expressions box questions about the image (one conversation each), with each box's object mask
+        # for box_from_mask models.
         if not item.box_answers:
             return None
-        b = item.box_answers[int(rng.integers(len(item.box_answers)))]
-        q = b.question if b.question.endswith(BOX_SUFFIX.strip()) else b.question + BOX_SUFFIX
-        return self._sample(item, [(q, b.answer)], [], "box")
+        picks = rng.permutation(len(item.box_answers))[: self.max_expressions]
+        answers = [item.box_answers[int(j)] for j in picks]
+        convs = [(b.question if b.question.endswith(BOX_SUFFIX.strip()) else b.question + BOX_SUFFIX, b.answer)
+                 for b in answers]
+        amap, box_attr = attribute_labels(item, [b.target for b in answers])
+        return TrainSample(item.image, convs, self._masks(item, []), "box", amap, box_attr[:0],
+                           box_masks=self._masks(item, [b.target for b in answers]), box_mask_attributes=box_attr)
 
 
 # ---------------------------------------------------------------------------------------------- REFER on disk
@@ -359,6 +376,31 @@ class Collator:
         self.conversation = Conversation(config.system)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         self.eos_id = tokenizer.eos_token_id
+        self.box_ids = None
+        if config.box_from_mask:
+            from ..grounding.tokens import token_id
+            self.box_ids = (token_id(tokenizer, BOX_START), token_id(tokenizer, BOX_END))
+
+    def _prompt_masks(self, s: TrainSample) -> tuple[np.ndarray, np.ndarray | None]:
+        """The masks (and attribute classes) of a sample's mask-decoder prompts in text order: its [SEG]s, and
+        with ``box_from_mask`` its <box>es too, interleaved as they occur in the answers."""
+        if not self.config.box_from_mask or s.box_masks is None or not len(s.box_masks):
+            return s.masks, s.mask_attributes
+        order, n_seg, n_box = [], 0, 0
+        for _, a in s.conversations:
+            for m in re.finditer(re.escape(SEG) + "|" + re.escape(BOX_START), a):
+                if m.group() == SEG:
+                    order.append(("seg", n_seg))
+                    n_seg += 1
+                else:
+                    order.append(("box", n_box))
+                    n_box += 1
+        masks = np.stack([s.masks[i] if kind == "seg" else s.box_masks[i] for kind, i in order])
+        attrs = None
+        if s.mask_attributes is not None and s.box_mask_attributes is not None:
+            attrs = np.stack([s.mask_attributes[i] if kind == "seg" else s.box_mask_attributes[i]
+                              for kind, i in order])
+        return masks, attrs
 
     def encode(self, question: str, answer: str) -> tuple[list[int], list[int]]:
         """One conversation -> (ids, labels). The prompt is tokenised exactly as at inference (an open assistant
@@ -367,7 +409,16 @@ class Collator:
         prefix = self.conversation.prompt([(image_question(question, self.config.use_im_start_end, template), None)])
         prompt_ids = self.prompt_tokenizer(prefix)
         answer_ids = self.prompt_tokenizer.encode_chunk(" " + answer) + [self.eos_id]
-        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        labels = list(answer_ids)
+        if self.box_ids is not None:  # box_from_mask: coordinates are written from the mask, not predicted
+            inside = False
+            for k, t in enumerate(answer_ids):
+                if inside:
+                    labels[k] = IGNORE_INDEX
+                    inside = t != self.box_ids[1]
+                elif t == self.box_ids[0]:
+                    inside = True
+        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + labels
 
     def __call__(self, samples: list[TrainSample]) -> LisaBatch:
         if any(s.frames is not None for s in samples):
@@ -380,7 +431,8 @@ class Collator:
             sam.append(prep.sam)
             in_sizes.append(prep.input_size)
             orig_sizes.append(prep.original_size)
-            gts.append(torch.from_numpy(np.asarray(s.masks, dtype=np.float32)))
+            masks, _ = self._prompt_masks(s)
+            gts.append(torch.from_numpy(np.asarray(masks, dtype=np.float32)))
             h, w = prep.original_size
             for k, (q, a) in enumerate(s.conversations):
                 i, lab = self.encode(q, a)
@@ -406,7 +458,8 @@ class Collator:
             batch.attribute_maps = torch.stack([
                 torch.from_numpy(grid_labels(s.attribute_map, size, self.config.sam.image_size, grid))
                 for s, size in zip(samples, in_sizes)])
-            batch.mask_attributes = torch.from_numpy(np.concatenate([s.mask_attributes for s in samples]))
+            batch.mask_attributes = torch.from_numpy(np.concatenate(
+                [np.asarray(self._prompt_masks(s)[1], np.int64).reshape(-1, 3) for s in samples]))
             g = int(round(self.config.vision.image_size / int(self.config.vision.clip["patch_size"])))
             batch.token_attribute_maps = torch.stack([torch.from_numpy(crop_grid_labels(s.attribute_map, g))
                                                       for s in samples])

@@ -101,7 +101,7 @@ class TrainConfig:
 # Documented recipes: `groundseg train --preset NAME` starts from these values (flags still override them).
 RECIPES: dict[str, dict[str, Any]] = {
     # The shipped default model: everything trained from scratch on the shapes world (no LoRA: a randomly
-    # initialised LLM has nothing for adapters to adapt). Seeds fixed; about 45 minutes on 2 CPU cores.
+    # initialised LLM has nothing for adapters to adapt). Seeds fixed; 42.5 minutes on 2 CPU cores.
     # - Answers name the target ("Sure, the blue square [SEG].") and every name is one token (see
     #   tiny_tokenizer.shapes_name_phrases), so the state before [SEG] always carries the target's name.
     # - attribute_weight: auxiliary colour/shape/size probes (train/probes.py), the dense signal that teaches a
@@ -111,9 +111,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     #   same shape); at 1.0 it copies in a few hundred steps, and the mask losses were no worse for it.
     # - "objects" (every object named, one [SEG] each) gives the most masks per LLM pass; grounded captions are
     #   left out (their [SEG] follows "</p>", a state that needs what the names give for free).
+    # - "box" questions (up to 3 per image) train the <box> state through the mask losses: the preset has
+    #   box_from_mask, so box coordinates are read off that mask (digit-by-digit boxes stayed image-independent).
     "shapes-demo": dict(model="shapes-demo", from_scratch=True, dataset="shapes", lora=False, train_all=True,
                         shapes_tasks={"refer": 6, "objects": 3, "multi": 1, "box": 1}, shapes_max_expressions=3,
-                        steps=5000, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
+                        steps=4600, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
                         warmup_steps=100, clip_grad=1.0, ce_weight=1.0, attribute_weight=1.0, save_every=250,
                         log_every=10, num_workers=0, out="runs/shapes-demo"),
     # Sa2VA on the shapes world's moving-shapes videos (plus referring on still images, 1 in 4): everything from
