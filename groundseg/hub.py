@@ -248,9 +248,9 @@ def _safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = None,
                dtype: torch.dtype | None = None, vision_tower: str | os.PathLike | None = None) -> LisaModel:
-    """Load a preset (``shapes-demo``, ``lisa-tiny``, ``lisa-7b``, ``lisa-13b``), a folder in our format, or an official LISA
-    checkpoint folder (CLIP from ``vision_tower``, else from the checkpoint's config). ``None`` = the default
-    model. Raises :class:`CheckpointError` / :class:`InputError` with one line on bad input."""
+    """Load a preset (``shapes-demo``, ``lisa-tiny``, ``lisa-7b``, ``lisa-13b``), a folder in our format, or an
+    official LISA checkpoint folder (CLIP from ``vision_tower``, else from the checkpoint's config). ``None`` = the
+    default model. Raises :class:`CheckpointError` / :class:`InputError` with one line on bad input."""
     name = str(name_or_path) if name_or_path is not None else default_model()
     path = Path(name)
     from .grounding.sa2va_hub import load_sa2va  # Sa2VA presets and folders (ours or the official layout)

@@ -28,6 +28,24 @@ def media() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory):
+    """``shapes_folder(seed, images)``: a shapes world written to disk (96-px images, REFER files under
+    ``shapes/``), made once per session for each (seed, images) and shared by the modules that ask for it."""
+    from groundseg.datasets.shapes import write_shapes
+
+    made: dict[tuple[int, int], Path] = {}
+
+    def get(seed: int, images: int) -> Path:
+        if (seed, images) not in made:
+            out = tmp_path_factory.mktemp(f"shapes_s{seed}_n{images}")
+            write_shapes(out, seed=seed, images=images, image_size=96)
+            made[seed, images] = out
+        return made[seed, images]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def lisa_parity():
     """(config dict, inputs, outputs, official state dict) of ../shared/parity/lisa_tiny."""
     from safetensors.torch import load_file

@@ -51,12 +51,8 @@ def test_box_iou_by_hand():
 
 
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    from groundseg.datasets.shapes import write_shapes
-
-    out = tmp_path_factory.mktemp("shapes")
-    write_shapes(out, seed=11, images=20, image_size=96)
-    return out
+def shapes_dir(shapes_folder):
+    return shapes_folder(seed=11, images=20)
 
 
 class Everything:

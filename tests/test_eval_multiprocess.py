@@ -26,12 +26,8 @@ def _worker(rank: int, world: int, init_file: str, data_root: str, out: str, res
 
 
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    from groundseg.datasets.shapes import write_shapes
-
-    out = tmp_path_factory.mktemp("shapes")
-    write_shapes(out, seed=5, images=40, image_size=96)
-    return out
+def shapes_dir(shapes_folder):
+    return shapes_folder(seed=5, images=40)
 
 
 def test_two_processes_give_the_single_process_report(shapes_dir, tmp_path):

@@ -20,12 +20,8 @@ REPORT_KEYS = {"cIoU", "gIoU", "precision@0.5", "precision@0.6", "precision@0.7"
 
 
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    from groundseg.datasets.shapes import write_shapes
-
-    out = tmp_path_factory.mktemp("shapes")
-    write_shapes(out, seed=5, images=40, image_size=96)
-    return out
+def shapes_dir(shapes_folder):
+    return shapes_folder(seed=5, images=40)
 
 
 @pytest.fixture(scope="module")

@@ -129,12 +129,8 @@ def test_reasonseg_command_with_the_tiny_preset(reasonseg_root, tmp_path, capsys
 
 
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    from groundseg.datasets.shapes import write_shapes
-
-    out = tmp_path_factory.mktemp("shapes")
-    write_shapes(out, seed=3, images=20, image_size=96)
-    return out
+def shapes_dir(shapes_folder):
+    return shapes_folder(seed=3, images=20)
 
 
 def test_rec_command_and_boxes_alias(shapes_dir, tmp_path, capsys):

@@ -98,12 +98,8 @@ def test_segment_region_and_gcg_errors(media, tmp_path, capsys, args, message):
 
 
 @pytest.fixture(scope="module")
-def shapes_gcg(tmp_path_factory):
-    from groundseg.datasets.shapes import write_shapes
-
-    d = tmp_path_factory.mktemp("shapes")
-    write_shapes(d, seed=3, images=20, image_size=96)
-    return d
+def shapes_gcg(shapes_folder):
+    return shapes_folder(seed=3, images=20)
 
 
 def test_shapes_writes_grandf_files(shapes_gcg):

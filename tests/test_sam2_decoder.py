@@ -115,6 +115,27 @@ def test_memory_stays_bounded_on_a_long_video(decoder):
     assert needed <= set(mem.non_cond)
 
 
+def test_pruning_the_bank_changes_no_output(decoder):
+    """26 tracked frames of changing content: the bounded bank gives the same masks, scores and object pointers
+    as a bank that keeps everything, so what it drops is never read."""
+    from groundseg.decoders.sam2 import VideoMemory
+
+    pruned = decoder.new_memory(1)
+    full = VideoMemory(1, keep=10_000)
+    with torch.no_grad():
+        frames = [decoder.encode(decoder.preprocess(_frame(10 + k))[None]) for k in range(4)]
+        prompt = torch.randn(1, 32, generator=torch.Generator().manual_seed(1))
+        for mem in (pruned, full):
+            decoder.add_condition(mem, 0, frames[0], prompt)
+        for t in range(1, 27):
+            a, b = decoder.track(pruned, t, frames[t % 4]), decoder.track(full, t, frames[t % 4])
+            assert torch.equal(a.low_res_masks, b.low_res_masks), t
+            assert torch.equal(a.object_score_logits, b.object_score_logits), t
+    assert len(full.non_cond) == 26 and len(pruned.non_cond) == pruned.keep == 15
+    for t in pruned.non_cond:  # what both kept is the same
+        assert torch.equal(pruned.non_cond[t]["obj_ptr"], full.non_cond[t]["obj_ptr"])
+
+
 def test_postprocess_two_step_resize(decoder):
     low = torch.zeros(1, 1, 64, 64)
     low[..., 16:48, 8:24] = 5.0

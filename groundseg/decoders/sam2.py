@@ -353,8 +353,8 @@ class Sam2Decoder(nn.Module):
                       language: torch.Tensor) -> FrameOutput:
         """Prompt frame ``frame_idx`` with one language embedding per object ((N, C), N = the memory's objects)
         as an initial conditioning frame, and store its memory. ``features`` are one frame's (batch 1) or one
-        per object (batch N: objects of different videos tracked together, as training does). Sa2VA does this for each key frame before
-        propagating."""
+        per object (batch N: objects of different videos tracked together, as training does). Sa2VA does this for
+        each key frame before propagating."""
         n = memory.num_objects
         if language.shape[0] != n:
             raise ValueError(f"{language.shape[0]} language prompts for a memory of {n} objects")

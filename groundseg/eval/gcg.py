@@ -569,8 +569,9 @@ def _grandf_ha(e: dict, path: Path, k: int) -> GcgSample:
         raise InputError(f"{path}: {where}['groundings'] must map phrase -> {{token_positives, rle_masks}}")
     items = []
     for phrase, g in groundings.items():
-        span = _field(g, "token_positives", path, f"{where} phrase {phrase!r}")
-        items.append((tuple(int(v) for v in span), phrase, list(_field(g, "rle_masks", path, f"{where} phrase {phrase!r}"))))
+        at = f"{where} phrase {phrase!r}"
+        span = _field(g, "token_positives", path, at)
+        items.append((tuple(int(v) for v in span), phrase, list(_field(g, "rle_masks", path, at))))
     items.sort(key=lambda t: t[0][0])
     return GcgSample(str(_field(e, "file_name", path, where)), caption, [p for _, p, _ in items],
                      [s for s, _, _ in items], [m for _, _, m in items])

@@ -244,7 +244,8 @@ def read_predictions(path: str | Path, keys: tuple[str, ...] = ("sent_id", "segm
 
 
 def match_predictions(path: str | Path, groups: list[list[Expression]],
-                      decode: Callable[[Expression, dict, str], Any], split_names: frozenset = frozenset(), where: str = "the split",
+                      decode: Callable[[Expression, dict, str], Any], split_names: frozenset = frozenset(),
+                      where: str = "the split",
                       keys: tuple[str, ...] = ("sent_id", "segmentation")) -> dict[Any, Any]:
     """{sent_id: decode(expression, entry, location)} for the entries of a predictions file (see
     :func:`read_predictions`) that name an expression of ``groups``; ``split_names`` are further sent_ids that are
@@ -304,9 +305,9 @@ def run_and_report(net, groups: list[list[Expression]], ground_truth: GroundTrut
                    out: str | None, run: dict[str, Any], resume: bool, progress: bool, desc: str, clock: "Clock",
                    *, loop: Callable | None = None, build: Callable = build_report,
                    **info: Any) -> tuple[IoUMeter, list[dict[str, Any]], dict[str, Any]]:
-    """The run shared by every mask benchmark, with the model ``net``: open (or resume) ``out``'s prediction log, predict and score every
-    expression, build the report (``info`` are its extra keys) and, on the main process, write it with the IoU
-    histogram. Returns (meter, records, report).
+    """The run shared by every mask benchmark, with the model ``net``: open (or resume) ``out``'s prediction log,
+    predict and score every expression, build the report (``info`` are its extra keys) and, on the main process,
+    write it with the IoU histogram. Returns (meter, records, report).
 
     ``loop`` (:func:`run_masks` by default; same arguments) predicts and scores, ``build`` (:func:`build_report`)
     makes the report from its meter: box grounding passes its own pair."""
