@@ -87,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     count = 0
     with bar, TrackWriter(out, prompts, source.fps, source.size, info=info) as writer:  # bar closed before an error
         for frame in frames:
-            if count == 0:  # the key frames have been through the MLLM by now
+            if count == 0:  # the key frames have been through the MLLM by now (and a wrong header count fixed)
+                bar.total = source.num_frames
+                bar.refresh()
                 writer.info["answers"] = [g.text for g in groundings]
                 writer.info["key_frames"] = [source.frame_number(i) for i in _key_indices(model, source, args)]
                 for p, g in zip(prompts, groundings):

@@ -50,13 +50,21 @@ class FrameSource:
         if start >= total:
             raise InputError(f"--start {start}: {name} has only {total} frame{'s' if total != 1 else ''}")
         self.name = name
-        self.total = total
-        self.start, self.stride = start, stride
-        n = len(range(start, total, stride))
-        self.num_frames = min(n, max_frames) if max_frames is not None else n
+        self.start, self.stride, self.max_frames = start, stride, max_frames
+        self._set_total(total)
         self.fps = fps / stride
         self.size: tuple[int, int] = (0, 0)
         self.decoded = 0  # frames decoded so far (tests check that reading is lazy)
+
+    def _set_total(self, total: int) -> None:
+        self.total = total
+        n = len(range(self.start, total, self.stride))
+        self.num_frames = min(n, self.max_frames) if self.max_frames is not None else n
+
+    def recount(self) -> int:
+        """Make ``num_frames`` exact and return it. Only a video file's count can be wrong (it comes from the
+        container's header, which can claim more frames than decode); the other sources count their frames."""
+        return self.num_frames
 
     def frame_number(self, index: int) -> int:
         """The frame's number in the file (0-based) for a position in the selection."""
@@ -150,6 +158,21 @@ class VideoFileFrames(FrameSource):
         self.path = path
         super().__init__(str(path), total, fps if fps > 0 else DEFAULT_FPS, **select)
         self.size = first.shape[:2] if self.start == 0 else self._size_at(self.start)
+
+    def recount(self) -> int:
+        """Count the frames that really decode (grabbing, no decoding) and correct ``num_frames`` to match."""
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            total = 0
+            while cap.grab():
+                total += 1
+        finally:
+            cap.release()
+        if total <= self.start:
+            raise InputError(f"--start {self.start}: {self.name} has only {total} decodable frame"
+                             f"{'s' if total != 1 else ''}")
+        self._set_total(total)
+        return self.num_frames
 
     def _size_at(self, number: int) -> tuple[int, int]:
         for _, rgb in self._frames([number]):

@@ -64,6 +64,49 @@ def test_mp4_frames_stream_and_skip_without_decoding(media):
     assert keys[199].shape == (540, 960, 3)
 
 
+def _mp4(path, n=12, size=(32, 48)):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (size[1], size[0]))
+    for t in range(n):
+        frame = np.full((*size, 3), 20 * t % 256, np.uint8)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+class _OverCountingCapture:
+    """cv2.VideoCapture whose header claims 3 frames more than the file decodes (some muxers do that)."""
+
+    real = cv2.VideoCapture
+
+    def __init__(self, *args):
+        self.cap = self.real(*args)
+
+    def get(self, prop):
+        value = self.cap.get(prop)
+        return value + 3 if prop == cv2.CAP_PROP_FRAME_COUNT else value
+
+    def __getattr__(self, name):
+        return getattr(self.cap, name)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_uniform_key_frames_survive_a_header_that_over_counts(tmp_path, monkeypatch, stride):
+    from groundseg.grounding.sa2va import read_key_frames
+
+    path = _mp4(tmp_path / "v.mp4", n=12)
+    monkeypatch.setattr(cv2, "VideoCapture", _OverCountingCapture)
+    src = open_video(path, stride=stride)
+    assert src.num_frames == len(range(0, 15, stride))  # what the header says
+    keys, rgb = read_key_frames(src, "uniform", 4)
+    real = len(range(0, 12, stride))
+    assert src.num_frames == real and keys[0] == 0 and keys[-1] == real - 1 and len(keys) == 4
+    assert sorted(rgb) == keys
+    assert [i for i, _ in src] == list(range(real))
+    # a start past the real end (though inside the header's count) is a one-line error when the video is opened
+    with pytest.raises(InputError, match="--start 13: .* ends before frame 13"):
+        open_video(path, start=13)
+
+
 def test_selection_start_stride_max_frames(tmp_path):
     frames = _write_frames(tmp_path / "f", n=10)
     src = open_video(tmp_path / "f", start=2, stride=3, max_frames=2)

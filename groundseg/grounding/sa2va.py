@@ -646,10 +646,17 @@ class Sa2VACollator:
 
 def read_key_frames(source, rule: str, count: int) -> tuple[list[int], dict[int, np.ndarray]]:
     """The key frames of ``source`` (a :class:`groundseg.video.FrameSource`) by ``rule``: their indices and
-    RGB arrays, read before streaming; an unreadable one is a one-line :class:`InputError`."""
+    RGB arrays, read before streaming; an unreadable one is a one-line :class:`InputError`.
+
+    A video whose header claims more frames than decode (``uniform`` then asks for frames past the real end) is
+    counted exactly (``source.recount()``) and the key frames are chosen again over the frames it has."""
     keys = select_key_frames(source.num_frames, rule, count)
     key_rgb = dict(source.read(keys))
     missing = [k for k in keys if k not in key_rgb]
+    if missing and source.recount() <= missing[0]:
+        keys = select_key_frames(source.num_frames, rule, count)
+        key_rgb = dict(source.read(keys))
+        missing = [k for k in keys if k not in key_rgb]
     if missing:
         raise InputError(f"{source.name}: could not read key frame {missing[0]}")
     return keys, key_rgb
