@@ -79,8 +79,9 @@ def test_box_hook_writes_the_box_of_the_mask_the_state_prompts(boxy):
     img = image(1)
     prep = boxy.prepare_image(img)
     sam = boxy.sam.encode(prep.sam[None])
-    hook = boxy._box_continuation([prep], sam)
-    assert hook(0, boxy.seg_token_id, torch.zeros(boxy.vlm.hidden_size)) == []
+    made = [[]]
+    hook = boxy._box_continuation([prep], sam, made)
+    assert hook(0, boxy.seg_token_id, torch.zeros(boxy.vlm.hidden_size)) == [] and made == [[]]
     for seed in range(4):
         state = torch.randn(boxy.vlm.hidden_size, generator=torch.Generator().manual_seed(seed)) * 3
         text = boxy.tokenizer.decode(hook(0, boxy.box_token_id, state))
@@ -90,6 +91,11 @@ def test_box_hook_writes_the_box_of_the_mask_the_state_prompts(boxy):
         part = largest_component(mask)
         box = masks_to_boxes_xyxy(part[None])[0] if part.any() else [0, 0, 64, 48]
         assert text.replace(" ", "") == format_box(box, (48, 64))[len(BOX_START):]
+        # the mask kept for the box: that largest part, with the mask decoder's own logits inside it
+        kept = made[0][seed]
+        assert torch.equal(kept > 0, torch.from_numpy(part))
+        assert torch.equal(kept[torch.from_numpy(part)], torch.from_numpy(
+            boxy.sam.postprocess(low, prep.input_size, prep.original_size)[0, 0].numpy()[part]))
 
 
 def test_segment_answers_with_the_box_of_its_own_mask(boxy, monkeypatch):

@@ -191,9 +191,8 @@ class LisaModel(nn.Module):
         ``input_ids[:, 1:] == [SEG]`` laid over unshifted hidden states, reference/lisa.md §1.6), so any other
         choice gives different masks from the same checkpoint."""
         out = []
+        ids = torch.as_tensor(prompt_ids if prompt_ids is not None else [self.seg_token_id], device=token_ids.device)
         for r in range(token_ids.shape[0]):
-            ids = torch.as_tensor(prompt_ids if prompt_ids is not None else [self.seg_token_id],
-                                  device=token_ids.device)
             pos = torch.isin(token_ids[r], ids).nonzero().flatten()
             pos = pos[pos > 0] - 1
             out.append(states[r, pos])
@@ -225,7 +224,7 @@ class LisaModel(nn.Module):
         sam_embeddings = self.sam.encode(torch.stack([p.sam for p in prepared]).to(self.device))
 
         feats = image_features[[i for i, _ in pairs]]
-        box_states = None
+        box_masks = None  # box_from_mask: per row, the mask logits each generated box was written from
         if answer is not None:  # teacher-forced: the answer is given, one forward for every prompt
             answers = [answer.replace("{}", p.strip()) for _, p in pairs]
             id_lists = [self.prompt_tokenizer(self.conversation.prompt(
@@ -240,12 +239,11 @@ class LisaModel(nn.Module):
                                      row_boxes)
             hook = None
             if self.config.box_from_mask:
-                hook = self._box_continuation([prepared[i] for i, _ in pairs], sam_embeddings[row_images])
+                box_masks = [[] for _ in pairs]
+                hook = self._box_continuation([prepared[i] for i, _ in pairs], sam_embeddings[row_images], box_masks)
             gen = self.vlm.generate(emb.inputs_embeds, emb.attention_mask, emb.token_ids, max_new_tokens,
                                     self.eos_id, self.pad_id, continue_with=hook)
             seg_states = self._seg_states(gen.token_ids, gen.hidden_states)
-            if self.config.box_from_mask:
-                box_states = self._seg_states(gen.token_ids, gen.hidden_states, [self.box_token_id])
             answers = [self._decode_answer(t) for t in gen.new_tokens]
 
         results: list[Result | None] = [None] * len(pairs)
@@ -255,43 +253,34 @@ class LisaModel(nn.Module):
                 continue
             results_for = self._decode_image(prep, sam_embeddings[img_idx:img_idx + 1],
                                              [seg_states[k] for k in members], [answers[k] for k in members],
-                                             [box_states[k] for k in members] if box_states is not None else None)
+                                             [box_masks[k] for k in members] if box_masks is not None else None)
             for k, res in zip(members, results_for):
                 results[k] = res
         return results
 
     def _decode_image(self, prep: PreparedImage, sam_embedding: torch.Tensor, seg_states: list[torch.Tensor],
-                      answers: list[str], box_states: list[torch.Tensor] | None = None) -> list[Result]:
+                      answers: list[str], box_masks: list[list[torch.Tensor]] | None = None) -> list[Result]:
         """All [SEG] and <box> prompts of every answer about one image, in one mask-decoder call.
 
-        A ``<box>`` becomes a SAM box prompt, or, with ``box_states`` (``box_from_mask``: one state per ``<box>``
-        token generated), the mask that state prompts, the one the box was written from."""
+        A ``<box>`` becomes a SAM box prompt, unless ``box_masks`` (``box_from_mask``) already hold, per answer, the
+        mask logits each of its boxes was written from during generation."""
         h, w = prep.original_size
-        answer_boxes = [parse_boxes(a, (h, w)) for a in answers]
-        if box_states is not None:  # a box whose text was cut short (max_new_tokens) has no parsed entry
-            box_states = [b[:len(bs)] for b, bs in zip(box_states, answer_boxes)]
-            seg_states = [torch.cat([s, b]) for s, b in zip(seg_states, box_states)]
         text_embeds = [self.seg_projector(s) for s in seg_states]
-        n_seg = [len(t) - (len(bs) if box_states is not None else 0) for t, bs in zip(text_embeds, answer_boxes)]
-        n_box = [len(b) for b in answer_boxes]
-        n_prompt = [len(t) for t in text_embeds]
+        answer_boxes = [parse_boxes(a, (h, w)) for a in answers]
+        n_seg = [len(t) for t in text_embeds]
+        n_box = [len(b) for b in answer_boxes] if box_masks is None else [0] * len(answers)
         logits = torch.zeros(0, h, w)
         if sum(n_seg) + sum(n_box):
             boxes = None
-            if sum(n_box) and box_states is None:
+            if sum(n_box):
                 xyxy = torch.tensor([b.box for bs in answer_boxes for b in bs], device=self.device)
                 boxes = self.sam.box_to_input_frame(xyxy, prep.original_size)
-            low_res, _ = self.sam.decode(sam_embedding, torch.cat(text_embeds) if sum(n_prompt) else None, boxes)
+            low_res, _ = self.sam.decode(sam_embedding, torch.cat(text_embeds) if sum(n_seg) else None, boxes)
             logits = self.sam.postprocess(low_res, prep.input_size, prep.original_size)[:, 0].cpu()
-        if box_states is not None:  # rows are per answer: its [SEG]s then its boxes
-            per_answer = logits.split(n_prompt)
-            seg_logits = [x[:n] for x, n in zip(per_answer, n_seg)]
-            # each box's mask keeps only its largest connected part, the one the box was written from
-            box_logits = [torch.stack([torch.where(torch.from_numpy(largest_component(b > 0)), b, b.clamp(max=-1e-4))
-                                       for b in x[n:]]) if len(x) > n else x[n:]
-                          for x, n in zip(per_answer, n_seg)]
-        else:
-            seg_logits, box_logits = logits[:sum(n_seg)].split(n_seg), logits[sum(n_seg):].split(n_box)
+        seg_logits, box_logits = logits[:sum(n_seg)].split(n_seg), logits[sum(n_seg):].split(n_box)
+        if box_masks is not None:  # a box whose text was cut short (max_new_tokens) has no parsed entry
+            box_logits = [torch.stack(m[:len(bs)]) if len(bs) else torch.zeros(0, h, w)
+                          for m, bs in zip(box_masks, answer_boxes)]
         out = []
         for answer, sl, bl, bs in zip(answers, seg_logits, box_logits, answer_boxes):
             both = torch.cat([sl, bl])
@@ -300,17 +289,21 @@ class LisaModel(nn.Module):
             out.append(make_result(answer, both, phrases, sources))
         return out
 
-    def _box_continuation(self, row_prepared: list[PreparedImage], row_sam: torch.Tensor):
+    def _box_continuation(self, row_prepared: list[PreparedImage], row_sam: torch.Tensor,
+                          made: list[list[torch.Tensor]]):
         """``vlm.generate``'s ``continue_with`` for ``box_from_mask``: when a row chooses ``<box>``, the state that
         chose it prompts SAM on the row's image, and the row is made to write that mask's box,
         ``(x1,y1),(x2,y2)</box>`` on the 0-1000 grid: the box of the mask's largest connected part, so a few stray
-        pixels elsewhere do not stretch it (an empty mask gives the whole image's box)."""
+        pixels elsewhere do not stretch it (an empty mask gives the whole image's box). That part's logits (the
+        rest pushed below 0) are appended to ``made[row]``: the mask reported for the box."""
         def hook(row: int, token: int, state: torch.Tensor) -> list[int]:
             if token != self.box_token_id:
                 return []
             prep = row_prepared[row]
             low_res, _ = self.sam.decode(row_sam[row:row + 1], self.seg_projector(state[None]))
-            mask = largest_component(self.sam.postprocess(low_res, prep.input_size, prep.original_size)[0, 0] > 0)
+            logits = self.sam.postprocess(low_res, prep.input_size, prep.original_size)[0, 0].float().cpu()
+            mask = largest_component(logits > 0)
+            made[row].append(torch.where(torch.from_numpy(mask), logits, logits.clamp(max=-1e-4)))
             h, w = prep.original_size
             box = masks_to_boxes_xyxy(mask[None])[0] if mask.any() else np.array([0, 0, w, h], np.float32)
             text = format_box(box, (h, w))[len(BOX_START):]  # "(x1,y1),(x2,y2)</box>"
