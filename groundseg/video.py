@@ -138,6 +138,14 @@ class FolderFrames(FileFrames):
         super().__init__(files, str(folder), **select)
 
 
+def _grab_all(cap) -> int:
+    """How many frames ``cap`` still has, counted by grabbing them (no decoding)."""
+    n = 0
+    while cap.grab():
+        n += 1
+    return n
+
+
 class VideoFileFrames(FrameSource):
     """A video file decoded by OpenCV (MP4 and whatever else its FFmpeg reads)."""
 
@@ -149,10 +157,8 @@ class VideoFileFrames(FrameSource):
                 raise InputError(f"{path}: not a readable video (expected an MP4 or a folder of JPEG/PNG frames)")
             fps = cap.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
             total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-            if total <= 0:  # no count in the header: count by grabbing (no decoding)
-                total = 1
-                while cap.grab():
-                    total += 1
+            if total <= 0:  # no count in the header: count the rest by grabbing
+                total = 1 + _grab_all(cap)
         finally:
             cap.release()
         self.path = path
@@ -163,15 +169,9 @@ class VideoFileFrames(FrameSource):
         """Count the frames that really decode (grabbing, no decoding) and correct ``num_frames`` to match."""
         cap = cv2.VideoCapture(str(self.path))
         try:
-            total = 0
-            while cap.grab():
-                total += 1
+            self._set_total(_grab_all(cap))
         finally:
             cap.release()
-        if total <= self.start:
-            raise InputError(f"--start {self.start}: {self.name} has only {total} decodable frame"
-                             f"{'s' if total != 1 else ''}")
-        self._set_total(total)
         return self.num_frames
 
     def _size_at(self, number: int) -> tuple[int, int]:

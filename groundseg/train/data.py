@@ -425,13 +425,13 @@ class Collator:
             raise InputError("video samples (shapes task 'video') need a video model (the sa2va family)")
         ids, labels, offset, region_boxes = [], [], [0], []
         clip, sam, in_sizes, orig_sizes, gts = [], [], [], [], []
-        for s in samples:
+        prompt_masks = [self._prompt_masks(s) for s in samples]  # (masks, attributes) in prompt order
+        for s, (masks, _) in zip(samples, prompt_masks):
             prep = prepare_image(s.image, self.config)
             clip.append(prep.clip)
             sam.append(prep.sam)
             in_sizes.append(prep.input_size)
             orig_sizes.append(prep.original_size)
-            masks, _ = self._prompt_masks(s)
             gts.append(torch.from_numpy(np.asarray(masks, dtype=np.float32)))
             h, w = prep.original_size
             for k, (q, a) in enumerate(s.conversations):
@@ -459,7 +459,7 @@ class Collator:
                 torch.from_numpy(grid_labels(s.attribute_map, size, self.config.sam.image_size, grid))
                 for s, size in zip(samples, in_sizes)])
             batch.mask_attributes = torch.from_numpy(np.concatenate(
-                [np.asarray(self._prompt_masks(s)[1], np.int64).reshape(-1, 3) for s in samples]))
+                [np.asarray(attrs, np.int64).reshape(-1, 3) for _, attrs in prompt_masks]))
             g = int(round(self.config.vision.image_size / int(self.config.vision.clip["patch_size"])))
             batch.token_attribute_maps = torch.stack([torch.from_numpy(crop_grid_labels(s.attribute_map, g))
                                                       for s in samples])
