@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from groundseg.grounding.tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from groundseg.io import InputError
 from groundseg.train import trainer
 from groundseg.train.data import Collator, MixedSource, ShapesSource, TrainSample, build_source
 
@@ -136,6 +137,36 @@ def test_schedule_warmup_then_linear_decay():
     assert f(4) == 1.0 and abs(f(9) - 0.55) < 1e-9 and f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
 
 
+def test_time_budget_drives_the_decay_and_counts_earlier_runs():
+    t = [100.0]
+    clock = trainer.TimeBudget(2.0, spent=30.0, now=lambda: t[0])  # 120 s, of which 30 s used before a resume
+    assert clock.elapsed() == 30.0 and not clock.up()
+    clock.start()
+    t[0] += 30.0
+    assert clock.fraction() == pytest.approx(0.5)
+    f = trainer.lr_lambda(warmup=4, total=104, min_ratio=0.1, clock=clock)
+    assert f(1) == 0.5  # warm-up is by steps only
+    assert f(54) == pytest.approx(0.55)  # steps (half done) and time (half used) agree
+    assert f(14) == pytest.approx(0.55)  # steps 10% along, time 50%: time decides
+    t[0] += 60.0
+    assert clock.up() and f(14) == pytest.approx(0.1)
+    with pytest.raises(InputError, match="--time-limit 0: expected a positive"):
+        trainer.TimeBudget(0)
+
+
+def test_time_limit_ends_the_run_exported(tmp_path, small_shapes):
+    # A limit shorter than one step: the run stops after its first step, logs it, checkpoints it with the time
+    # used, and exports the model as a finished run does.
+    out = trainer.train(tiny_cfg(tmp_path, steps=50, time_limit=1e-6, save_every=50))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    state = json.loads((out / "checkpoints" / "step_000001" / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["elapsed_s"] > 0
+    assert (out / "final" / "model.safetensors").is_file()
+    with pytest.raises(InputError, match="--time-limit -1: expected a positive"):
+        trainer.train(tiny_cfg(tmp_path / "neg", time_limit=-1.0))
+
+
 def test_short_run_lowers_the_loss(tmp_path, small_shapes):
     cfg = tiny_cfg(tmp_path, steps=40, save_every=40, lora=False, train_all=True, lr=3e-3, warmup_steps=5)
     out = trainer.train(cfg)
@@ -202,7 +233,7 @@ def test_lora_merge_gives_the_same_outputs(tiny):
     assert set(model.state_dict()) == set(tiny.state_dict())
 
 
-def test_train_cli_errors(tmp_path, capsys):
+def test_train_cli_errors(tmp_path, capsys, monkeypatch):
     from groundseg.cli import main
 
     assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--no-progress"]) == 2
@@ -222,6 +253,11 @@ def test_train_cli_errors(tmp_path, capsys):
     (tmp_path / "list.json").write_text("[1, 2]")
     assert main(["train", "--config", str(tmp_path / "list.json")]) == 2
     assert "expected a JSON object" in capsys.readouterr().err
+    # a second stage whose first stage has not run (its init_from is relative to the working directory)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "sa2va-shapes", "--out", "r2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no such folder (it is made by the first stage: groundseg train --preset sa2va-shapes-keys)" in err
 
 
 def test_cli_values_override_the_recipe():
@@ -394,11 +430,34 @@ def test_token_probe_is_opt_in_and_sees_the_image_tokens(tmp_path):
 def test_every_documented_recipe_builds_a_config_of_a_known_preset():
     from groundseg.config import PRESETS, SA2VA_PRESETS
 
-    assert set(trainer.RECIPES) == {"shapes-demo", "glamm-shapes", "sa2va-shapes"}
+    assert set(trainer.RECIPES) == {"shapes-demo", "glamm-shapes", "sa2va-shapes-keys", "sa2va-shapes"}
     for name, recipe in trainer.RECIPES.items():
         cfg = trainer.TrainConfig(**recipe)
-        assert cfg.model == name and (name in PRESETS or name in SA2VA_PRESETS)
+        stage_of = {"sa2va-shapes-keys": "sa2va-shapes"}.get(name, name)  # a first stage names its model
+        assert cfg.model == stage_of and (stage_of in PRESETS or stage_of in SA2VA_PRESETS)
         assert cfg.out == f"runs/{name}" and cfg.from_scratch
     assert trainer.RECIPES["sa2va-shapes"]["shapes_tasks"]["video"] > 0
+    assert trainer.RECIPES["sa2va-shapes"]["init_from"] == "runs/sa2va-shapes-keys/final"
     assert trainer.RECIPES["glamm-shapes"]["init_from"] == "shapes-demo"
     assert trainer.RECIPES["glamm-shapes"]["vision_pretrain_steps"] > 0
+
+
+def test_shapes_kinds_restrict_questions_to_copyable_names():
+    # --shapes-kinds attribute: every referring and video answer repeats the question's own expression (what a
+    # from-scratch LLM learns to copy first); an unknown kind is one clear error.
+    src = ShapesSource(seed=3, image_size=64, tasks={"refer": 1, "video_keys": 1}, max_expressions=1,
+                       kinds=("attribute",))
+    rng = np.random.default_rng(2)
+    tasks = set()
+    for _ in range(16):
+        s = src.sample(rng)
+        (q, a), = s.conversations
+        name = a[a.index("the "):a.index(" [SEG]")]
+        assert name in q, (q, a)
+        tasks.add(len(s.frames) if s.frames is not None else 1)
+    assert tasks == {1, 5}
+    every = ShapesSource(seed=3, image_size=64, tasks={"refer": 1}, max_expressions=1)
+    assert any(s.conversations[0][1][s.conversations[0][1].index("the "):s.conversations[0][1].index(" [SEG]")]
+               not in s.conversations[0][0] for s in (every.sample(rng) for _ in range(40)))
+    with pytest.raises(InputError, match="--shapes-kinds colour: expected kinds among attribute, motion"):
+        ShapesSource(kinds=("colour",))

@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes-image-size", type=int, default=S, help="side of generated shapes images (pixels)")
     p.add_argument("--shapes-max-expressions", type=int, default=S, help="expressions per image per sample")
     p.add_argument("--shapes-video-frames", type=int, default=S, help="frames per video sample (task video)")
+    p.add_argument("--shapes-kinds", type=lambda t: t.split(","), default=S,
+                   help="expression kinds of referring and video questions, e.g. attribute (default: all)")
     p.add_argument("--steps", type=int, default=S, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=S, help="images per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=S, help="micro-batches per optimizer step")
@@ -100,6 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=S, help="DataLoader worker processes")
     p.add_argument("--device", choices=["cpu", "cuda"], default=S, help="default: cuda when present")
     p.add_argument("--stop-at", type=int, default=S, help="stop after this step (with a checkpoint)")
+    p.add_argument("--time-limit", type=float, default=S, metavar="MINUTES",
+                   help="end the run (exported) after this many minutes of training; the learning rate decays "
+                        "with time or steps, whichever is further along")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S)
 

@@ -21,6 +21,7 @@ LISA's ``--dataset sem_seg||refer_seg||vqa||reason_seg --sample_rates 9,3,3,1`` 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,8 @@ CAPTION_QUESTIONS = ("Describe the image and ground each object.",
                      "Please give a grounded caption of this image.")
 BOX_SUFFIX = " Answer with a box."
 OBJECTS_QUESTIONS = ("Segment every shape.", "Segment all the shapes in this image.", "What shapes are there?")
-SHAPES_TASKS = ("refer", "multi", "objects", "caption", "box", "gcg", "regcap", "video")
+SHAPES_TASKS = ("refer", "multi", "objects", "caption", "box", "gcg", "regcap", "video", "video_keys")
+VIDEO_KEY_FRAMES = 5  # video_keys: the frames kept of each clip, uniformly spaced (sa2va-shapes' key frames)
 # Sa2VA video answers name the target (its shortest attribute description) before [SEG], as shapes-demo does.
 VIDEO_ANSWER = "Sure, {} [SEG]."
 
@@ -149,16 +151,22 @@ class ShapesSource:
     max_expressions: int = 3
     num_images: int = 10_000_000
     video_frames: int = 16
+    # Expression kinds that referring and video questions are drawn from (None: all). "attribute" alone gives
+    # answers that repeat the question's name: a first stage in which a from-scratch LLM learns to copy.
+    kinds: tuple[str, ...] | None = None
     name: str = "shapes"
 
     def __post_init__(self):
-        from ..datasets.shapes import ShapesWorld
+        from ..datasets.shapes import EXPRESSION_KINDS, ShapesWorld
 
         unknown = set(self.tasks) - set(SHAPES_TASKS)
         if unknown:
             raise InputError(f"shapes tasks: unknown {sorted(unknown)}; expected {', '.join(SHAPES_TASKS)}")
         if any(r < 0 for r in self.tasks.values()) or sum(self.tasks.values()) <= 0:
             raise InputError(f"shapes task rates must be >= 0 with a positive sum, got {self.tasks}")
+        known = set(EXPRESSION_KINDS) | {"motion"}
+        if self.kinds is not None and (not self.kinds or set(self.kinds) - known):
+            raise InputError(f"--shapes-kinds {','.join(self.kinds)}: expected kinds among {', '.join(sorted(known))}")
         self.world = ShapesWorld(seed=self.seed, image_size=self.image_size)
         self._names = list(self.tasks)
         p = np.array([self.tasks[t] for t in self._names], dtype=np.float64)
@@ -168,7 +176,7 @@ class ShapesSource:
         # Draw until the image supports the task (most do; an image of one object has no multi-target answer).
         task = self._names[int(rng.choice(len(self._names), p=self._p))]
         for _ in range(64):
-            item = None if task == "video" else self.world.image(int(rng.integers(self.num_images)))
+            item = None if task.startswith("video") else self.world.image(int(rng.integers(self.num_images)))
             out = getattr(self, f"_{task}")(item, rng)
             if out is not None:
                 return out
@@ -194,7 +202,7 @@ class ShapesSource:
         # attribute expressions teach. Targets without a unique name (exact duplicates) are left out.
         names = self._names_for(item)
         single = [e for e in item.expressions
-                  if e.kind != "multi" and (e.kind == "attribute" or e.targets[0] in names)]
+                  if e.kind != "multi" and (e.kind == "attribute" or e.targets[0] in names) and self._kind_ok(e)]
         if not single:
             return None
         pick = rng.permutation(len(single))[: self.max_expressions]
@@ -205,6 +213,9 @@ class ShapesSource:
             convs.append((_choose(rng, QUESTIONS).format(e.text), _choose(rng, GROUNDED_ANSWERS).replace("{}", name)))
             ids.append(e.targets[0])
         return self._sample(item, convs, ids, "refer")
+
+    def _kind_ok(self, e) -> bool:
+        return self.kinds is None or e.kind in self.kinds
 
     @staticmethod
     def _names_for(item) -> dict[int, str]:
@@ -260,21 +271,35 @@ class ShapesSource:
                            boxed[:0], boxes=[np.asarray([q.box], np.float32) for q in qs],
                            box_attributes=[boxed[k:k + 1] for k in range(len(qs))])
 
-    def _video(self, item, rng) -> TrainSample | None:
+    def _video(self, item, rng, keys_only: bool = False) -> TrainSample | None:
         # One expression of a moving-shapes video (attribute or motion), answered with the target's name; the
         # image drawn for the task only seeds the video's index. Videos come from the world's video stream.
-        from ..grounding.sa2va import segment_question
+        from ..grounding.sa2va import segment_question, select_key_frames
 
         video = self.world.video(int(rng.integers(self.num_images)), self.video_frames)
+        if keys_only:
+            keep = select_key_frames(len(video.frames), "uniform", VIDEO_KEY_FRAMES)
+            video = dataclasses.replace(video, frames=[video.frames[t] for t in keep],
+                                        masks={k: m[keep] for k, m in video.masks.items()})
         names = self._names_for(video)
-        usable = [e for e in video.expressions if len(e.targets) == 1 and e.targets[0] in names]
+        usable = [e for e in video.expressions if len(e.targets) == 1 and e.targets[0] in names and self._kind_ok(e)]
         if not usable:
             return None
         e = usable[int(rng.integers(len(usable)))]
         target = e.targets[0]
         masks = video.masks[target][None]  # (1, T, H, W)
-        return TrainSample(video.frames[0], [(segment_question(e.text), video_answer(names[target]))], masks,
+        # An attribute expression already names its target uniquely and is echoed, as image answers do (the LLM
+        # copies it); a motion expression is answered with the target's name, which the LLM must find by
+        # watching the key frames.
+        name = e.text if e.kind == "attribute" else names[target]
+        return TrainSample(video.frames[0], [(segment_question(e.text), video_answer(name))], masks,
                            "video", frames=list(video.frames))
+
+    def _video_keys(self, item, rng) -> TrainSample | None:
+        # The same question on only the clip's 5 uniformly spaced key frames (what a uniform-key-frame Sa2VA's
+        # MLLM sees of it at inference), each one a conditioning frame: a fifth of SAM2's work per sample, for
+        # the stage that teaches the MLLM to tell motions apart (the expression still describes the whole clip).
+        return self._video(item, rng, keys_only=True)
 
     def _box(self, item, rng) -> TrainSample | None:
         # Up to max_expressions box questions about the image (one conversation each), with each box's object mask
@@ -497,7 +522,7 @@ def crop_grid_labels(amap: np.ndarray, grid: int) -> np.ndarray:
 def build_source(spec: str, rates: Sequence[float] | None, seed: int, data_root: str | None = None,
                  refer_datasets: str = "refcoco", shapes_tasks: dict[str, float] | None = None,
                  image_size: int = 256, max_expressions: int = 3, image_dir: str | None = None,
-                 video_frames: int = 16) -> MixedSource:
+                 video_frames: int = 16, shapes_kinds: Sequence[str] | None = None) -> MixedSource:
     """``spec`` is LISA's ``a||b||c`` dataset list; ``rates`` its sample rates (default equal)."""
     names = [n.strip() for n in spec.split("||") if n.strip()]
     if not names:
@@ -510,6 +535,7 @@ def build_source(spec: str, rates: Sequence[float] | None, seed: int, data_root:
         if n == "shapes":
             sources.append(ShapesSource(seed=seed, image_size=image_size, max_expressions=max_expressions,
                                         video_frames=video_frames,
+                                        kinds=tuple(shapes_kinds) if shapes_kinds else None,
                                         **({"tasks": shapes_tasks} if shapes_tasks else {})))
         elif n == "refer_seg":
             if not data_root:

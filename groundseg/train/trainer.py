@@ -54,6 +54,7 @@ class TrainConfig:
     shapes_image_size: int = 256
     shapes_max_expressions: int = 3  # referring expressions per image and sample (LISA uses up to 3)
     shapes_video_frames: int = 16  # frames per video sample (shapes task "video")
+    shapes_kinds: list[str] | None = None  # expression kinds of refer/video questions (None: all)
     steps: int = 1000
     batch_size: int = 2
     grad_accum: int = 1
@@ -93,6 +94,10 @@ class TrainConfig:
     export: bool = True
     progress: bool = True
     stop_at: int | None = None  # stop (with a checkpoint) after this step; --resume continues the same schedule
+    # Minutes of training (data loading included, model building and export not): the learning rate decays on
+    # whichever of steps or time is further along, and the run ends -- exported like a finished one -- when the
+    # time is up or at ``steps``, whichever comes first. For a fixed budget on hardware of unknown speed.
+    time_limit: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,14 +123,28 @@ RECIPES: dict[str, dict[str, Any]] = {
                         steps=4600, batch_size=8, grad_accum=1, lr=2e-3, min_lr_ratio=0.05, weight_decay=0.01,
                         warmup_steps=100, clip_grad=1.0, ce_weight=1.0, attribute_weight=1.0, save_every=250,
                         log_every=10, num_workers=0, out="runs/shapes-demo"),
-    # Sa2VA on the shapes world's moving-shapes videos (plus referring on still images, 1 in 4): everything from
-    # scratch, SAM2's memory included (Sa2VALossConfig.track_memory), one expression per sample. For a GPU (see
-    # README: not trained yet).
-    "sa2va-shapes": dict(model="sa2va-shapes", from_scratch=True, dataset="shapes", lora=False, train_all=True,
-                         shapes_tasks={"video": 3, "refer": 1}, shapes_max_expressions=1, shapes_video_frames=16,
-                         steps=2000, batch_size=16, grad_accum=1, lr=1e-3, min_lr_ratio=0.05, weight_decay=0.01,
-                         warmup_steps=100, clip_grad=1.0, ce_weight=1.0, attribute_weight=0.0, save_every=250,
-                         log_every=10, num_workers=0, out="runs/sa2va-shapes"),
+    # Sa2VA on the shapes world's moving-shapes videos, everything from scratch, in two stages (the shipped
+    # sa2va-shapes is these two runs; both are time-limited, so their step counts depend on the hardware).
+    # Stage 1 (CPU, 45 minutes on 2 cores): the vision tower, the LLM and SAM2's single-frame path, on still images
+    # (referring, 1 in 3) and on clips' 5 uniformly spaced key frames (video_keys, each a conditioning frame: the
+    # MLLM sees what it sees at inference, at a fifth of a full clip's SAM2 work). The LLM learns to echo
+    # attribute expressions and to name the target of a motion expression ("the star moving up" -> "Sure, the
+    # yellow star [SEG].").
+    "sa2va-shapes-keys": dict(model="sa2va-shapes", from_scratch=True, dataset="shapes", lora=False, train_all=True,
+                              shapes_tasks={"refer": 1, "video_keys": 2}, shapes_max_expressions=1,
+                              shapes_video_frames=16, steps=100_000, time_limit=45.0, batch_size=8, grad_accum=1,
+                              lr=1.5e-3, min_lr_ratio=0.05, weight_decay=0.01, warmup_steps=100, clip_grad=1.0,
+                              ce_weight=1.0, attribute_weight=0.0, save_every=100, log_every=20, num_workers=0,
+                              out="runs/sa2va-shapes-keys"),
+    # Stage 2 (one GPU, 8 minutes): whole 16-frame clips with SAM2's memory trained too (losses.track_memory: key
+    # frames prompted, the rest tracked, every frame supervised), from stage 1's model. A step is launch-bound
+    # (about 0.8 s whatever the batch up to ~32 clips on an H100), hence the large batch.
+    "sa2va-shapes": dict(model="sa2va-shapes", from_scratch=True, init_from="runs/sa2va-shapes-keys/final",
+                         dataset="shapes", lora=False, train_all=True, shapes_tasks={"video": 1},
+                         shapes_max_expressions=1, shapes_video_frames=16, steps=100_000, time_limit=8.0,
+                         batch_size=32, grad_accum=1, lr=1e-3, min_lr_ratio=0.05, weight_decay=0.01,
+                         warmup_steps=40, clip_grad=1.0, ce_weight=1.0, attribute_weight=0.0, precision="fp32",
+                         save_every=50, log_every=10, num_workers=13, out="runs/sa2va-shapes"),
     # GLaMM on the shapes world: starts from the shipped shapes-demo (same sizes: its CLIP, LLM, SAM and projectors
     # already name and segment shapes), so only the region encoder starts from random weights and the run teaches
     # the GLaMM tasks: grounded captions ("<p> a red circle </p> [SEG]"), region captions from <bbox>, and
@@ -150,14 +169,39 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float = 0.0):
-    """Linear warm-up over ``warmup`` steps from 0, then linear decay to ``min_ratio`` at ``total``."""
+def lr_lambda(warmup: int, total: int, min_ratio: float = 0.0, clock: "TimeBudget | None" = None):
+    """Linear warm-up over ``warmup`` steps from 0, then linear decay to ``min_ratio`` at ``total``; with a
+    ``clock``, the decay follows whichever of steps and the clock's used fraction of time is further along."""
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
         frac = (step - warmup) / max(1, total - warmup)
+        if clock is not None:
+            frac = max(frac, clock.fraction())
         return max(min_ratio, 1.0 - (1.0 - min_ratio) * min(1.0, frac))
     return f
+
+
+class TimeBudget:
+    """``--time-limit``: minutes of training, counted from :meth:`start` plus what earlier runs of a resumed run
+    used (``spent``, seconds); ``now`` is replaceable for tests."""
+
+    def __init__(self, minutes: float, spent: float = 0.0, now=time.perf_counter):
+        if not minutes > 0:
+            raise InputError(f"--time-limit {minutes}: expected a positive number of minutes")
+        self.limit, self.spent, self.now, self.t0 = minutes * 60.0, spent, now, None
+
+    def start(self) -> None:
+        self.t0 = self.now()
+
+    def elapsed(self) -> float:
+        return self.spent + (0.0 if self.t0 is None else self.now() - self.t0)
+
+    def fraction(self) -> float:
+        return min(1.0, self.elapsed() / self.limit)
+
+    def up(self) -> bool:
+        return self.elapsed() >= self.limit
 
 
 def build_for_training(cfg: TrainConfig):
@@ -207,7 +251,9 @@ def init_weights(model: torch.nn.Module, source: str, exclude: list[str] | tuple
     try:
         state = load_model(source).state_dict()
     except InputError as e:
-        raise InputError(f"--init-from {source}: {e}") from None
+        first = [n for n, r in RECIPES.items() if f"{r['out']}/final" == str(source).rstrip("/")]
+        hint = f" (it is made by the first stage: groundseg train --preset {first[0]})" if first else ""
+        raise InputError(f"--init-from {source}: {e}{hint}") from None
     own = model.state_dict()
     same = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)
             and not k.startswith(tuple(exclude))}
@@ -261,6 +307,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected at least 1")
     if cfg.num_workers < 0:
         raise InputError(f"--num-workers {cfg.num_workers}: expected 0 or more")
+    if cfg.time_limit is not None and not cfg.time_limit > 0:
+        raise InputError(f"--time-limit {cfg.time_limit:g}: expected a positive number of minutes")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise InputError(f"--precision {cfg.precision!r}: expected auto, fp32 or bf16")
     cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
@@ -290,13 +338,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+    clock = TimeBudget(cfg.time_limit) if cfg.time_limit is not None else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, clock))
     base = getattr(model, "model", model)
     collator = base.collator() if hasattr(base, "collator") else Collator(config, tokenizer)
     source = build_source(cfg.dataset, cfg.sample_rates, cfg.shapes_seed, cfg.data_root, cfg.refer_datasets,
                           image_dir=cfg.image_dir, shapes_tasks=cfg.shapes_tasks, image_size=cfg.shapes_image_size,
                           max_expressions=cfg.shapes_max_expressions,
-                          video_frames=cfg.shapes_video_frames)
+                          video_frames=cfg.shapes_video_frames, shapes_kinds=cfg.shapes_kinds)
     if accelerator.state.deepspeed_plugin is not None:
         # The DataLoader is ours (not prepared), so DeepSpeed cannot infer these "auto" values itself.
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -309,7 +359,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     step = 0
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
-        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        step = state["step"]
+        if clock is not None:
+            clock.spent = float(state.get("elapsed_s", 0.0))
         if accelerator.is_main_process:  # a crash after the checkpoint left rows the resumed run will log again
             _trim_metrics(out / "metrics.jsonl", step)
     if accelerator.is_main_process:
@@ -331,6 +384,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     n_logged = 0
     t_last, samples_since = time.perf_counter(), 0
     micro = 0
+    finished = step >= cfg.steps
+    if clock is not None:
+        clock.start()
     for batch in loader:
         with accelerator.accumulate(model):
             losses = model(batch)
@@ -352,7 +408,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         scheduler.step()
         step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        timed_out = clock is not None and _agree(accelerator, clock.up())
+        if step % cfg.log_every == 0 or step == cfg.steps or timed_out:
             now = time.perf_counter()
             rec = {"step": step, **{k: round(v / n_logged, 6) for k, v in log_sums.items()},
                    "lr": scheduler.get_last_lr()[0], "samples_per_s": samples_since / max(now - t_last, 1e-9)}
@@ -362,16 +419,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
             log_sums, n_logged, t_last, samples_since = {}, 0, now, 0
+        finished = step == cfg.steps or timed_out
         stopping = cfg.stop_at is not None and step >= cfg.stop_at
-        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-            _save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+        if step % cfg.save_every == 0 or finished or stopping:
+            _save_checkpoint(accelerator, out, step, cfg.keep_checkpoints,
+                             None if clock is None else clock.elapsed())
             if accelerator.is_main_process:
                 plot_losses(out / "metrics.jsonl", out / "loss.png")
-        if stopping:
+        if stopping or timed_out:
             break
     bar.close()
     accelerator.wait_for_everyone()
-    if cfg.export and step == cfg.steps:
+    if cfg.export and finished:
+        if timed_out and accelerator.is_main_process:
+            print(f"--time-limit {cfg.time_limit:g} min reached at step {step} of {cfg.steps}", flush=True)
         _export(accelerator, model, cfg, out / "final")
     accelerator.end_training()
     return out
@@ -439,13 +500,24 @@ class _TiedWeightsNote(logging.Filter):
 logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
+def _agree(accelerator, flag: bool) -> bool:
+    """One decision for every process (the main process's), so that all of them stop at the same step."""
+    if accelerator.num_processes == 1:
+        return flag
+    from accelerate.utils import broadcast
+
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(broadcast(t, from_process=0).item())
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, keep: int, elapsed: float | None = None) -> None:
     d = out / "checkpoints" / f"step_{step:06d}"
     accelerator.save_state(str(d))
     accelerator.wait_for_everyone()  # every rank's shards and RNG states are on disk before the marker
     if accelerator.is_main_process:
         # trainer_state.json is written last: a checkpoint without it is incomplete and ignored by --resume.
-        (d / "trainer_state.json").write_text(json.dumps({"step": step}))
+        state = {"step": step} if elapsed is None else {"step": step, "elapsed_s": round(elapsed, 3)}
+        (d / "trainer_state.json").write_text(json.dumps(state))
         for old in sorted((out / "checkpoints").glob("step_*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
