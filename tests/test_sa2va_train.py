@@ -162,6 +162,63 @@ def test_shapes_video_samples_and_the_picklable_collator():
         Collator(lisa.config, lisa.tokenizer)([s])
 
 
+def test_memory_training_shows_the_mllm_only_the_key_frames():
+    # With track_memory the MLLM sees what track() shows it at inference (the key frames), SAM2 every frame;
+    # without it (Sa2VA's own training) every frame is a conditioning frame and the MLLM sees them all.
+    from groundseg.datasets.shapes import ShapesWorld
+    model = _memory_model()
+    model.config.key_frames, model.config.num_key_frames = "uniform", 3
+    world = ShapesWorld(seed=11, image_size=64)
+    s = _video_sample(world, 0, frames=tuple(range(7)))
+    context = model.img_context_id
+    batch = model.collate([s])
+    assert torch.equal(batch.pixel_values, model.frame_pixel_values([s.frames[k] for k in (0, 3, 6)]))
+    assert int((batch.input_ids == context).sum()) == 3 * model.tokens_per_tile
+    assert batch.sam_pixel_values.shape[0] == 7 and batch.gt_masks[0].shape[0] == 7
+    model.config.losses.track_memory = False
+    batch = model.collate([s])
+    assert batch.pixel_values.shape[0] == 7 and int((batch.input_ids == context).sum()) == 7 * model.tokens_per_tile
+
+
+def test_video_keys_samples_are_the_uniform_key_frames_of_the_clip():
+    from groundseg.train.data import ShapesSource
+
+    full = ShapesSource(seed=3, image_size=64, tasks={"video": 1}, video_frames=16).sample(np.random.default_rng(5))
+    keys = ShapesSource(seed=3, image_size=64, tasks={"video_keys": 1}, video_frames=16).sample(
+        np.random.default_rng(5))
+    assert keys.task == "video" and keys.conversations == full.conversations
+    assert len(keys.frames) == 5 and keys.masks.shape == (1, 5, 64, 64)
+    for k, t in enumerate((0, 4, 8, 11, 15)):  # round(linspace(0, 15, 5))
+        assert np.array_equal(keys.frames[k], full.frames[t]) and np.array_equal(keys.masks[0, k], full.masks[0, t])
+
+
+def test_video_answers_echo_attribute_expressions_and_name_moving_targets():
+    # "the small star" is answered "Sure, the small star [SEG]." (the LLM copies it); "the star moving up" with
+    # the target's shortest unique name, which only watching the frames tells.
+    from groundseg.datasets.shapes import ShapesWorld
+    from groundseg.train.data import ShapesSource, video_answer
+
+    src = ShapesSource(seed=3, image_size=64, tasks={"video": 1}, video_frames=16)
+    world = ShapesWorld(seed=3, image_size=64)
+    rng = np.random.default_rng(1)
+    kinds = set()
+    for _ in range(12):
+        state = rng.bit_generator.state
+        s = src.sample(rng)
+        replay = np.random.default_rng()
+        replay.bit_generator.state = state
+        replay.choice(1, p=[1.0])  # the task draw
+        v = world.video(int(replay.integers(src.num_images)), 16)
+        (q, a), = s.conversations
+        text = q[len("<image>\nPlease segment "):-1]
+        e = next(x for x in v.expressions if x.text == text)
+        names = src._names_for(v)
+        assert a == video_answer(text if e.kind == "attribute" else names[e.targets[0]])
+        assert np.array_equal(s.masks[0], v.masks[e.targets[0]])
+        kinds.add(e.kind)
+    assert kinds == {"attribute", "motion"}
+
+
 def test_groundseg_train_runs_sa2va_on_shapes_videos_and_exports(tmp_path):
     # The trainer with a Sa2VA preset: video samples through the Sa2VA collator, memory training, LoRA merged
     # (on the language model), export in our format, and the exported model loads and tracks.

@@ -603,6 +603,15 @@ class Sa2VACollator:
     image_pixel_values = Sa2VAModel.image_pixel_values
     frame_pixel_values = Sa2VAModel.frame_pixel_values
 
+    def mllm_frames(self, num_frames: int) -> list[int]:
+        """The frames of a video sample the MLLM sees: all of them (Sa2VA's training: each frame is its own
+        conditioning frame), or, with ``losses.track_memory``, only the key frames, as :meth:`Sa2VAModel.track`
+        shows it at inference (SAM2 still gets every frame; the others are reached through its memory)."""
+        c = self.config
+        if not c.losses.track_memory:
+            return list(range(num_frames))
+        return select_key_frames(num_frames, c.key_frames, c.num_key_frames)
+
     @staticmethod
     def as_sa2va(s) -> "Sa2VASample":
         if isinstance(s, Sa2VASample):
@@ -619,7 +628,7 @@ class Sa2VACollator:
         rows, pixel_values, sam_pixels, gts = [], [], [], []
         for s in map(self.as_sa2va, samples):
             if s.video:
-                tiles = self.frame_pixel_values(s.frames)
+                tiles = self.frame_pixel_values([s.frames[k] for k in self.mllm_frames(len(s.frames))])
             else:
                 if len(s.frames) != 1:
                     raise ValueError("an image sample has exactly one frame")
