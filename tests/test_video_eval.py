@@ -344,3 +344,39 @@ def test_predictions_in_any_common_png_mode(tmp_path, mode):
     with Image.open(tmp_path / "m.png") as check:
         assert check.mode == mode
     assert np.array_equal(read_binary_png(tmp_path / "m.png"), m)
+
+
+def test_shapes_videos_are_scored_per_expression_kind(tmp_path, capsys):
+    # The shapes world's meta_expressions name each expression's kind; the report splits J&F by it. Predictions:
+    # the exact masks for attribute expressions, nothing for motion ones, so attribute scores 1 and motion scores
+    # the fraction of frames where its target is out of view (J and F are 1 there, 0 elsewhere).
+    from groundseg.cli import main
+    from groundseg.datasets.shapes import write_shapes
+
+    write_shapes(tmp_path / "d", seed=4, images=1, videos=10, image_size=64)
+    root = tmp_path / "d" / "videos"
+    meta = json.loads((root / "meta_expressions" / "train" / "meta_expressions.json").read_text())["videos"]
+    expected = {"attribute": [], "motion": []}
+    for vid, entry in meta.items():
+        for exp_id, e in entry["expressions"].items():
+            gt = [np.asarray(Image.open(root / "train" / "Annotations" / vid / f"{f}.png")) == int(e["obj_id"])
+                  for f in entry["frames"]]
+            out = tmp_path / "pred" / vid / exp_id
+            out.mkdir(parents=True)
+            for f, m in zip(entry["frames"], gt):
+                keep = m if e["kind"] == "attribute" else np.zeros_like(m)
+                Image.fromarray(keep.astype(np.uint8)).save(out / f"{f}.png")
+            expected[e["kind"]].append(np.mean([not m.any() for m in gt]))
+    assert expected["motion"] and expected["attribute"]
+    argv = ["eval", "video", "--data-root", str(root), "--format", "refytvos", "--split", "train",
+            "--predictions", str(tmp_path / "pred"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    kinds = report["by_kind"]
+    assert kinds["attribute"]["J&F"] == pytest.approx(1.0)
+    assert kinds["attribute"]["num_expressions"] == len(expected["attribute"])
+    assert kinds["motion"]["J&F"] == pytest.approx(np.mean(expected["motion"]))
+    n = report["num_expressions"]
+    assert report["J&F"] == pytest.approx((len(expected["attribute"]) + sum(expected["motion"])) / n)
+    printed = capsys.readouterr().out
+    assert "attribute" in printed and "motion" in printed

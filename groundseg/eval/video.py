@@ -152,6 +152,7 @@ class VideoExpression:
     text: str
     frames: list[str]
     targets: list[str]
+    kind: str | None = None  # the shapes world's "attribute"/"motion" (its meta_expressions "kind"), else None
 
     @property
     def key(self) -> str:
@@ -259,8 +260,10 @@ def load_video_dataset(data_root: str | Path, fmt: str, split: str) -> VideoData
             ids = e.get(key)
             if ids is None:
                 raise InputError(f"{meta}: expression {exp_id} of video {video} has no {key!r}")
+            kind = e.get("kind")
             exprs.append(VideoExpression(video, str(exp_id), e["exp"], frames,
-                                         [str(x) for x in (ids if isinstance(ids, list) else [ids])]))
+                                         [str(x) for x in (ids if isinstance(ids, list) else [ids])],
+                                         str(kind) if kind is not None else None))
     if not exprs:
         raise InputError(f"{meta}: no expressions")
     return VideoDataset(f"{fmt} {split}", frame_dir, exprs, annotations if mask_dict is None else None, mask_dict)
@@ -374,6 +377,8 @@ def evaluate_video(data_root: str, fmt: str, split: str, model=None, predictions
     scores = [by_key[e.key] for e in exprs]
     metrics = summarize(scores)
     metrics["num_videos"] = len({e.video for e in exprs})  # ReVOS video ids hold "/" themselves
+    kinds = sorted({e.kind for e in exprs if e.kind is not None})
+    metrics["by_kind"] = {k: summarize([s for s, e in zip(scores, exprs) if e.kind == k]) for k in kinds}
     report = {**metrics, "format": fmt, "split": split, "dataset": fmt, "model": model_name,
               "predictions": predictions, "seconds": round(time.perf_counter() - t0, 2),
               "resumed_expressions": len(done)}
@@ -387,11 +392,17 @@ def evaluate_video(data_root: str, fmt: str, split: str, model=None, predictions
 
 
 def format_video_table(metrics: dict) -> str:
-    """One-row table, percentages with two decimals as the field reports them."""
-    head = f"{'J&F':>7} {'J':>7} {'F':>7} {'expr':>6} {'videos':>6}"
-    row = (f"{100 * metrics['J&F']:7.2f} {100 * metrics['J']:7.2f} {100 * metrics['F']:7.2f} "
-           f"{metrics['num_expressions']:6d} {metrics['num_videos']:6d}")
-    return head + "\n" + row
+    """A table, percentages with two decimals as the field reports them: all expressions, then one row per kind
+    where the dataset names kinds."""
+    head = f"{'':10} {'J&F':>7} {'J':>7} {'F':>7} {'expr':>6} {'videos':>6}"
+
+    def row(name: str, m: dict, videos: str) -> str:
+        return (f"{name:10} {100 * m['J&F']:7.2f} {100 * m['J']:7.2f} {100 * m['F']:7.2f} "
+                f"{m['num_expressions']:6d} {videos:>6}")
+
+    lines = [head, row("all", metrics, str(metrics["num_videos"]))]
+    lines += [row(k, m, "") for k, m in metrics.get("by_kind", {}).items()]
+    return "\n".join(lines)
 
 
 def run_cli(args) -> int:
