@@ -163,6 +163,11 @@ def test_time_limit_ends_the_run_exported(tmp_path, small_shapes):
     state = json.loads((out / "checkpoints" / "step_000001" / "trainer_state.json").read_text())
     assert state["step"] == 1 and state["elapsed_s"] > 0
     assert (out / "final" / "model.safetensors").is_file()
+    # resuming a run that has nothing left to do exports again and trains nothing
+    (out / "final" / "model.safetensors").unlink()
+    trainer.train(tiny_cfg(tmp_path, steps=1, time_limit=1e-6, save_every=50), resume=True)
+    assert (out / "final" / "model.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     with pytest.raises(InputError, match="--time-limit -1: expected a positive"):
         trainer.train(tiny_cfg(tmp_path / "neg", time_limit=-1.0))
 

@@ -384,7 +384,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     n_logged = 0
     t_last, samples_since = time.perf_counter(), 0
     micro = 0
-    finished = step >= cfg.steps
+    finished, timed_out = step >= cfg.steps, False
     if clock is not None:
         clock.start()
     for batch in loader:
