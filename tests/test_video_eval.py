@@ -115,6 +115,9 @@ def test_jf_averages_frames_then_expressions():
     e = np.zeros((8, 8), bool)
     s1 = score_frames([(a, a), (e, a)])  # J: 1, 0; F: 1, 0
     assert (s1.j, s1.f, s1.num_frames) == (0.5, 0.5, 2)
+    assert not s1.reappears  # present, then gone: it leaves but does not come back
+    assert score_frames([(a, a), (e, e), (a, a)]).reappears  # present, gone, present
+    assert not score_frames([(a, e), (a, a), (a, a), (a, e)]).reappears  # empty only before and after
     s2 = ExpressionScore("v/1", 1.0, 0.8, 5)
     m = summarize([s1, s2])
     assert m["J"] == pytest.approx(0.75) and m["F"] == pytest.approx(0.65)
@@ -357,6 +360,7 @@ def test_shapes_videos_are_scored_per_expression_kind(tmp_path, capsys):
     root = tmp_path / "d" / "videos"
     meta = json.loads((root / "meta_expressions" / "train" / "meta_expressions.json").read_text())["videos"]
     expected = {"attribute": [], "motion": []}
+    reappearing = []  # J&F of expressions whose target leaves and comes back, computed from the annotations
     for vid, entry in meta.items():
         for exp_id, e in entry["expressions"].items():
             gt = [np.asarray(Image.open(root / "train" / "Annotations" / vid / f"{f}.png")) == int(e["obj_id"])
@@ -367,6 +371,9 @@ def test_shapes_videos_are_scored_per_expression_kind(tmp_path, capsys):
                 keep = m if e["kind"] == "attribute" else np.zeros_like(m)
                 Image.fromarray(keep.astype(np.uint8)).save(out / f"{f}.png")
             expected[e["kind"]].append(np.mean([not m.any() for m in gt]))
+            seen = [k for k, m in enumerate(gt) if m.any()]
+            if any(not gt[k].any() for k in range(seen[0], seen[-1] + 1)):
+                reappearing.append(1.0 if e["kind"] == "attribute" else expected["motion"][-1])
     assert expected["motion"] and expected["attribute"]
     argv = ["eval", "video", "--data-root", str(root), "--format", "refytvos", "--split", "train",
             "--predictions", str(tmp_path / "pred"), "--out", str(tmp_path / "out")]
@@ -378,5 +385,8 @@ def test_shapes_videos_are_scored_per_expression_kind(tmp_path, capsys):
     assert kinds["motion"]["J&F"] == pytest.approx(np.mean(expected["motion"]))
     n = report["num_expressions"]
     assert report["J&F"] == pytest.approx((len(expected["attribute"]) + sum(expected["motion"])) / n)
+    assert reappearing, "the shapes world's videos have objects that leave and re-enter"
+    assert report["reappearing"]["num_expressions"] == len(reappearing)
+    assert report["reappearing"]["J&F"] == pytest.approx(np.mean(reappearing))
     printed = capsys.readouterr().out
-    assert "attribute" in printed and "motion" in printed
+    assert "attribute" in printed and "motion" in printed and "reappears" in printed

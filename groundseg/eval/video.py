@@ -98,6 +98,9 @@ class ExpressionScore:
     j: float
     f: float
     num_frames: int
+    # the ground truth is empty on a frame between frames where it is not: the object leaves and comes back (or
+    # is occluded for a while), which a tracker must survive
+    reappears: bool = False
 
     @property
     def jf(self) -> float:
@@ -108,7 +111,7 @@ class _FrameScores:
     """J and F of one expression, a frame at a time."""
 
     def __init__(self, key: str):
-        self.key, self.js, self.fs = key, [], []
+        self.key, self.js, self.fs, self.present = key, [], [], []
 
     def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
         if pred.shape != gt.shape:
@@ -116,11 +119,14 @@ class _FrameScores:
                              f"{gt.shape[1]}x{gt.shape[0]}")
         self.js.append(region_j(pred, gt))
         self.fs.append(boundary_f(pred, gt))
+        self.present.append(bool(gt.any()))
 
     def result(self) -> ExpressionScore:
         if not self.js:
             raise InputError(f"{self.key}: no frames to score")
-        return ExpressionScore(self.key, float(np.mean(self.js)), float(np.mean(self.fs)), len(self.js))
+        seen = np.flatnonzero(self.present)
+        gap = len(seen) > 0 and not all(self.present[seen[0]:seen[-1] + 1])
+        return ExpressionScore(self.key, float(np.mean(self.js)), float(np.mean(self.fs)), len(self.js), gap)
 
 
 def score_frames(pairs: Iterable[tuple[np.ndarray, np.ndarray]], key: str = "") -> ExpressionScore:
@@ -355,7 +361,8 @@ def evaluate_video(data_root: str, fmt: str, split: str, model=None, predictions
             for e in group:
                 if e.key in done:
                     r = done[e.key]
-                    by_key[e.key] = ExpressionScore(e.key, r["J"], r["F"], r["num_frames"])
+                    by_key[e.key] = ExpressionScore(e.key, r["J"], r["F"], r["num_frames"],
+                                                    bool(r.get("reappears", False)))
                     bar.update(1)
             todo = [e for e in group if e.key not in done]
             if not todo:
@@ -368,7 +375,8 @@ def evaluate_video(data_root: str, fmt: str, split: str, model=None, predictions
                 by_key[e.key] = sc
                 if log:
                     log.write({"sent_id": e.key, "video": e.video, "exp_id": e.exp_id, "exp": e.text, "J": sc.j,
-                               "F": sc.f, "J&F": sc.jf, "num_frames": sc.num_frames})
+                               "F": sc.f, "J&F": sc.jf, "num_frames": sc.num_frames,
+                               "reappears": sc.reappears})
                 bar.update(1)
     finally:
         bar.close()
@@ -379,6 +387,8 @@ def evaluate_video(data_root: str, fmt: str, split: str, model=None, predictions
     metrics["num_videos"] = len({e.video for e in exprs})  # ReVOS video ids hold "/" themselves
     kinds = sorted({e.kind for e in exprs if e.kind is not None})
     metrics["by_kind"] = {k: summarize([s for s, e in zip(scores, exprs) if e.kind == k]) for k in kinds}
+    # expressions whose object leaves the frame (or is hidden) and comes back
+    metrics["reappearing"] = summarize([s for s in scores if s.reappears])
     report = {**metrics, "format": fmt, "split": split, "dataset": fmt, "model": model_name,
               "predictions": predictions, "seconds": round(time.perf_counter() - t0, 2),
               "resumed_expressions": len(done)}
@@ -402,6 +412,8 @@ def format_video_table(metrics: dict) -> str:
 
     lines = [head, row("all", metrics, str(metrics["num_videos"]))]
     lines += [row(k, m, "") for k, m in metrics.get("by_kind", {}).items()]
+    if metrics.get("reappearing", {}).get("num_expressions"):
+        lines.append(row("reappears", metrics["reappearing"], ""))
     return "\n".join(lines)
 
 
