@@ -136,7 +136,7 @@ def test_shapes_video_samples_and_the_picklable_collator():
     from groundseg.grounding.sa2va import Sa2VACollator
     from groundseg.train.data import ShapesSource, video_answer
 
-    src = ShapesSource(seed=3, image_size=64, tasks={"video": 1}, video_frames=5)
+    src = ShapesSource(seed=3, image_size=64, tasks={"video": 1}, video_frames=5, max_expressions=1)
     s = src.sample(np.random.default_rng(0))
     assert s.task == "video" and len(s.frames) == 5 and s.masks.shape == (1, 5, 64, 64)
     assert s.image is s.frames[0]
@@ -186,10 +186,12 @@ def test_video_keys_samples_are_the_uniform_key_frames_of_the_clip():
     full = ShapesSource(seed=3, image_size=64, tasks={"video": 1}, video_frames=16).sample(np.random.default_rng(5))
     keys = ShapesSource(seed=3, image_size=64, tasks={"video_keys": 1}, video_frames=16).sample(
         np.random.default_rng(5))
+    n = len(full.conversations)
     assert keys.task == "video" and keys.conversations == full.conversations
-    assert len(keys.frames) == 5 and keys.masks.shape == (1, 5, 64, 64)
+    assert len(keys.frames) == 5 and keys.masks.shape == (n, 5, 64, 64)
     for k, t in enumerate((0, 4, 8, 11, 15)):  # round(linspace(0, 15, 5))
-        assert np.array_equal(keys.frames[k], full.frames[t]) and np.array_equal(keys.masks[0, k], full.masks[0, t])
+        assert np.array_equal(keys.frames[k], full.frames[t]) and np.array_equal(keys.masks[:, k], full.masks[:, t])
+        assert np.array_equal(keys.frame_attribute_maps[k], full.frame_attribute_maps[t])
 
 
 def test_video_answers_echo_attribute_expressions_and_name_moving_targets():
@@ -198,10 +200,11 @@ def test_video_answers_echo_attribute_expressions_and_name_moving_targets():
     from groundseg.datasets.shapes import ShapesWorld
     from groundseg.train.data import ShapesSource, video_answer
 
-    src = ShapesSource(seed=3, image_size=64, tasks={"video": 1}, video_frames=16)
+    # Up to max_expressions turns per clip, about different objects; only the first question holds <image>.
+    src = ShapesSource(seed=3, image_size=64, tasks={"video": 1}, video_frames=16, max_expressions=3)
     world = ShapesWorld(seed=3, image_size=64)
     rng = np.random.default_rng(1)
-    kinds = set()
+    kinds, turns = set(), []
     for _ in range(12):
         state = rng.bit_generator.state
         s = src.sample(rng)
@@ -209,14 +212,21 @@ def test_video_answers_echo_attribute_expressions_and_name_moving_targets():
         replay.bit_generator.state = state
         replay.choice(1, p=[1.0])  # the task draw
         v = world.video(int(replay.integers(src.num_images)), 16)
-        (q, a), = s.conversations
-        text = q[len("<image>\nPlease segment "):-1]
-        e = next(x for x in v.expressions if x.text == text)
         names = src._names_for(v)
-        assert a == video_answer(text if e.kind == "attribute" else names[e.targets[0]])
-        assert np.array_equal(s.masks[0], v.masks[e.targets[0]])
-        kinds.add(e.kind)
-    assert kinds == {"attribute", "motion"}
+        targets = []
+        for k, (q, a) in enumerate(s.conversations):
+            prefix = "<image>\nPlease segment " if k == 0 else "Please segment "
+            assert q.startswith(prefix) and q.count("<image>") == (k == 0)
+            text = q[len(prefix):-1]
+            e = next(x for x in v.expressions if x.text == text)
+            assert a == video_answer(text if e.kind == "attribute" else names[e.targets[0]])
+            assert np.array_equal(s.masks[k], v.masks[e.targets[0]])
+            targets.append(e.targets[0])
+            kinds.add(e.kind)
+        assert len(set(targets)) == len(targets) <= 3
+        assert s.mask_attributes.shape == (len(targets), 3)
+        turns.append(len(targets))
+    assert kinds == {"attribute", "motion"} and max(turns) > 1
 
 
 def test_groundseg_train_runs_sa2va_on_shapes_videos_and_exports(tmp_path):
@@ -226,15 +236,115 @@ def test_groundseg_train_runs_sa2va_on_shapes_videos_and_exports(tmp_path):
     from groundseg.train.trainer import TrainConfig, train
 
     cfg = TrainConfig(out=str(tmp_path / "run"), model="sa2va-tiny", from_scratch=True, dataset="shapes",
-                      shapes_tasks={"video": 3, "refer": 1}, shapes_max_expressions=1, shapes_video_frames=3,
-                      shapes_image_size=64, steps=2, batch_size=2, lr=1e-3, warmup_steps=1, attribute_weight=0.0,
-                      lora=True, trainable=["text_hidden_fcs", "sam_mask_decoder"], save_every=2, progress=False)
+                      shapes_tasks={"video": 3, "refer": 1}, shapes_max_expressions=2, shapes_video_frames=3,
+                      shapes_image_size=64, steps=2, batch_size=2, lr=1e-3, warmup_steps=1, attribute_weight=0.5,
+                      token_attribute_weight=0.5, lora=True, trainable=["text_hidden_fcs", "sam_mask_decoder"], save_every=2, progress=False)
     out = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2]  # logged every 10 steps and at the last
     assert all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[0]["attr_loss"] > 0 and rows[0]["data_wait_s"] >= 0  # the probes ran; the loader wait is logged
     model = load_model(out / "final")
-    assert model.family == "sa2va" and not any("lora_" in k for k in model.state_dict())
+    assert model.family == "sa2va" and not any("lora_" in k or "probe" in k for k in model.state_dict())
     world_frames = [np.zeros((48, 64, 3), np.uint8) + 40 * k for k in range(3)]
     frames = list(model.track(world_frames, ["the red circle"], answer="Sure, [SEG]."))
     assert len(frames) == 3 and frames[0].logits.shape == (1, 48, 64)
+
+
+def test_frame_grid_labels_take_each_cells_centre_pixel():
+    from groundseg.train.data import frame_grid_labels
+
+    amap = np.arange(2 * 4 * 6, dtype=np.uint8).reshape(2, 4, 6)  # (C, H, W)
+    out = frame_grid_labels(amap, 2)
+    # cells of 2 rows x 3 columns; centres at rows 1, 3 and columns 1, 4 (int((k + 0.5) * 6 / 2) = 1, 4)
+    assert out.dtype == np.int64 and out.shape == (2, 2, 2)
+    assert out[0].tolist() == [[amap[0, 1, 1], amap[0, 1, 4]], [amap[0, 3, 1], amap[0, 3, 4]]]
+    assert np.array_equal(frame_grid_labels(amap[None], 2)[0], out)  # leading dimensions pass through
+
+
+def test_video_samples_carry_each_frames_attribute_labels():
+    from groundseg.datasets.shapes import COLORS, SHAPES, SIZES
+    from groundseg.train.data import ShapesSource
+
+    src = ShapesSource(seed=3, image_size=64, tasks={"video": 1}, video_frames=5, max_expressions=1)
+    s = src.sample(np.random.default_rng(0))
+    amaps = s.frame_attribute_maps
+    assert amaps.shape == (5, 3, 64, 64) and amaps.dtype == np.uint8
+    target = s.masks[0]  # (T, H, W) of the [SEG]'s object
+    cls = s.mask_attributes[0]
+    assert s.mask_attributes.shape == (1, 3)
+    assert 1 <= cls[0] <= len(COLORS) and 1 <= cls[1] <= len(SHAPES) and 1 <= cls[2] <= len(SIZES)
+    for k in range(3):
+        assert (amaps[:, k][target] == cls[k]).all()  # the target's pixels carry its classes in every frame
+    assert (amaps[:, 0] > 0).sum() >= target.sum()  # other objects are labelled too; background is 0
+    assert np.array_equal(s.attribute_map, amaps[0])
+
+
+def _probe_batch(model):
+    from groundseg.train.data import ShapesSource
+
+    src = ShapesSource(seed=1, image_size=64, tasks={"video": 1, "refer": 1}, video_frames=3, max_expressions=2)
+    rng = np.random.default_rng(2)
+    samples = [src.sample(rng) for _ in range(3)]
+    return samples, model.collator()(samples)
+
+
+def test_sa2va_attribute_labels_follow_the_frames_sam2_and_the_mllm_see():
+    from groundseg.train.data import frame_grid_labels
+
+    model = _memory_model()
+    model.config.num_key_frames = 2  # first 2 frames of each 3-frame clip go to the MLLM
+    samples, batch = _probe_batch(model)
+    grid = model.collator().sam_image_size // 4
+    tgrid = int(round(model.collator().tokens_per_tile ** 0.5))
+    frames, tiles, attrs = [], [], []
+    for s in samples:
+        maps = s.frame_attribute_maps if s.frames is not None else s.attribute_map[None]
+        frames.append(frame_grid_labels(maps, grid))
+        tiles.append(frame_grid_labels(maps[:2] if s.frames is not None else maps, tgrid))
+        attrs.append(s.mask_attributes)
+    assert batch.frame_attributes.shape == (batch.sam_pixel_values.shape[0], 3, grid, grid)
+    assert torch.equal(batch.frame_attributes.long(), torch.from_numpy(np.concatenate(frames)))
+    assert batch.tile_attributes.shape[0] == batch.pixel_values.shape[0]
+    assert torch.equal(batch.tile_attributes.long(), torch.from_numpy(np.concatenate(tiles)))
+    assert torch.equal(batch.mask_attributes, torch.from_numpy(np.concatenate(attrs)))
+    # samples without labels (real data): the batch has none
+    from groundseg.grounding.sa2va import Sa2VASample
+
+    plain = Sa2VASample(samples[0].frames, samples[0].conversations, samples[0].masks.transpose(1, 0, 2, 3), True)
+    assert model.collate([plain]).frame_attributes is None
+
+
+def test_sa2va_attribute_probes_add_the_cross_entropies_they_claim():
+    import torch.nn.functional as F
+
+    from groundseg.train.probes import Sa2VAProbedModel
+
+    torch.manual_seed(0)
+    model = _memory_model()
+    probed = Sa2VAProbedModel(model, weight=0.5, token_weight=2.0)
+    _, batch = _probe_batch(model)
+    out = probed(batch)
+    base = out["loss"] - out["attr_loss"]
+    assert torch.allclose(base, out["ce_loss"] + out["mask_bce_loss"] + out["mask_dice_loss"] + out["iou_loss"]
+                          + out["object_loss"], atol=1e-5)
+
+    def heads(logits, labels):  # (N, K, ...) logits, (N, 3, ...) labels: summed CE of the three heads
+        parts = logits.split(probed.probes.classes, dim=1)
+        return sum(F.cross_entropy(p, labels[:, k]) for k, p in enumerate(parts))
+
+    feats = out["sam_embeddings"]  # every frame of the batch, in the order of sam_frames
+    assert sorted(out["sam_frames"].tolist()) == list(range(batch.sam_pixel_values.shape[0]))
+    labels = batch.frame_attributes[out["sam_frames"]].long()
+    g = labels.shape[-1]
+    image = heads(F.interpolate(probed.probes.image(feats), size=(g, g), mode="bilinear", align_corners=False),
+                  labels)
+    prompt = heads(probed.probes.prompt(out["seg_embeddings"]), batch.mask_attributes)
+    tokens = F.layer_norm(out["image_tokens"], out["image_tokens"].shape[-1:])
+    token = heads(probed.token_probe(tokens).transpose(1, 2), batch.tile_attributes.long().flatten(2))
+    assert torch.allclose(out["attr_loss"], 0.5 * (image + prompt) + 2.0 * token, rtol=1e-5)
+    out["loss"].backward()
+    assert probed.probes.image.weight.grad.abs().sum() > 0 and probed.token_probe.weight.grad.abs().sum() > 0
+    # the probes reach SAM2's image encoder and the vision tower through their inputs
+    enc = next(p for p in model.grounding_encoder.sam2_model.image_encoder.parameters())
+    assert enc.grad is not None and enc.grad.abs().sum() > 0

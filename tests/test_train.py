@@ -466,3 +466,18 @@ def test_shapes_kinds_restrict_questions_to_copyable_names():
                not in s.conversations[0][0] for s in (every.sample(rng) for _ in range(40)))
     with pytest.raises(InputError, match="--shapes-kinds colour: expected kinds among attribute, motion"):
         ShapesSource(kinds=("colour",))
+
+
+def test_loader_workers_run_opencv_on_one_thread():
+    # Thirteen workers each running OpenCV on every core would oversubscribe the machine the training runs on.
+    import cv2
+
+    from groundseg.train.trainer import _quiet_worker
+
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(4)
+        _quiet_worker(0)
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)

@@ -421,7 +421,7 @@ class Sa2VAModel(nn.Module):
             else states.sum() * 0.0
         is_seg = batch.input_ids.to(dev) == self.seg_token_id
         seg = self.text_hidden_fcs(states[is_seg].to(self.text_hidden_fcs[0].weight.dtype))
-        out = {"ce_loss": ce, "seg_embeddings": seg, "seg_hidden_states": states[is_seg]}
+        out = {"ce_loss": ce, "seg_embeddings": seg, "seg_hidden_states": states[is_seg], "image_tokens": tokens}
         sam = self.grounding_encoder
         rows_lang, rows_gt, frame_of_row = [], [], []
         used, frame = 0, 0
@@ -447,6 +447,8 @@ class Sa2VAModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             feats = [sam.encode(batch.sam_pixel_values[i:i + 1]) for i in sorted(set(frame_of_row))]
         by_frame = dict(zip(sorted(set(frame_of_row)), feats))
+        out["sam_frames"] = torch.tensor(sorted(by_frame))
+        out["sam_embeddings"] = torch.cat([_feature_map(f) for f in feats])
         lows, ious, langs = [], [], []
         start = 0
         for f_idx in sorted(set(frame_of_row)):
@@ -507,12 +509,16 @@ class Sa2VAModel(nn.Module):
         bce_sum = dice_sum = iou_sum = obj_sum = seg.sum() * 0.0
         count = 0
         tracked = []  # per frame-count group: ({frame: FrameOutput}, (T, rows, 1, h, w) targets), for inspection
+        maps, map_frames = [], []  # SAM2's lowest-level features of each frame used, and that frame's index
         for t_count, members in sorted(groups.items()):
             # rows: (sample, object); frame t of row r is sam_pixel_values[first_frame[sample] + t]
             rows = [(i, j) for i in members for j in range(batch.gt_masks[i].shape[1])]
             lang = seg[torch.tensor([first_seg[i] + j for i, j in rows], device=seg.device)]
             frame_ids = torch.tensor([first_frame[i] for i in members])[:, None] + torch.arange(t_count)
-            feats = sam.encode(batch.sam_pixel_values[frame_ids.flatten()].to(dev))  # (members * T) frames
+            # (members * T) frames, gathered on the device (the batch's frames are its largest tensor)
+            feats = sam.encode(batch.sam_pixel_values.to(dev, non_blocking=True)[frame_ids.flatten().to(dev)])
+            maps.append(_feature_map(feats))
+            map_frames.append(frame_ids.flatten())
             member_pos = {i: k for k, i in enumerate(members)}
             row_pos = torch.tensor([member_pos[i] * t_count for i, _ in rows])
             keys = select_key_frames(t_count, self.config.key_frames, self.config.num_key_frames)
@@ -525,8 +531,8 @@ class Sa2VAModel(nn.Module):
                     outs[t] = sam.track(memory, t, feats.select(row_pos + t))
             gt = torch.stack([torch.stack([batch.gt_masks[i][t, j] for i, j in rows]) for t in range(t_count)])
             size = outs[0].multimasks.shape[-2:]
-            gt = F.interpolate(gt.flatten(0, 1)[:, None].float(), size=size, mode="nearest").view(
-                t_count, len(rows), 1, *size).to(dev)  # (T, rows, 1, h, w)
+            gt = F.interpolate(gt.to(dev).flatten(0, 1)[:, None].float(), size=size, mode="nearest").view(
+                t_count, len(rows), 1, *size)  # (T, rows, 1, h, w)
             tracked.append((outs, gt))
             for t in range(t_count):
                 pred = outs[t].multimasks.float()  # (rows, M, h, w)
@@ -545,16 +551,19 @@ class Sa2VAModel(nn.Module):
                 obj_sum = obj_sum + F.binary_cross_entropy_with_logits(
                     outs[t].object_score_logits.float()[:, 0], visible, reduction="sum")
                 count += len(rows)
+        features = {}
+        if maps:
+            features = {"sam_embeddings": torch.cat(maps), "sam_frames": torch.cat(map_frames)}
         if not count:
             zero = seg.sum() * 0.0
             return {"mask_bce_loss": zero, "mask_dice_loss": zero, "iou_loss": zero, "object_loss": zero,
-                    "loss": ce + zero}
+                    "loss": ce + zero, **features}
         bce = bce_sum / count * lc.bce_weight
         dice = dice_sum / count * lc.dice_weight
         iou = iou_sum / count * lc.iou_weight
         obj = obj_sum / count * lc.object_weight
         return {"mask_bce_loss": bce, "mask_dice_loss": dice, "iou_loss": iou, "object_loss": obj,
-                "loss": ce + bce + dice + iou + obj, "tracked": tracked}
+                "loss": ce + bce + dice + iou + obj, "tracked": tracked, **features}
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -572,6 +581,13 @@ class Sa2VABatch:
     pixel_values: torch.Tensor
     sam_pixel_values: torch.Tensor
     gt_masks: list[torch.Tensor]
+    # Shapes-world labels for the training-only attribute probes (train/probes.py), when every sample has them:
+    # (n_frames, 3, g, g) uint8 colour/shape/size class per cell of SAM2's low-resolution mask grid, for every
+    # frame of ``sam_pixel_values``; (n_tiles, 3, t, t) per image token of ``pixel_values`` (t x t tokens a tile);
+    # (n_seg, 3) the classes of each [SEG]'s object.
+    frame_attributes: torch.Tensor | None = None
+    tile_attributes: torch.Tensor | None = None
+    mask_attributes: torch.Tensor | None = None
 
 
 @dataclass
@@ -584,6 +600,8 @@ class Sa2VASample:
     turns: list
     gt_masks: object
     video: bool = False
+    attribute_maps: object = None  # (frames, 3, H, W) uint8 class maps (shapes world), for the attribute probes
+    mask_attributes: object = None  # (objects, 3) classes of each [SEG]'s object
 
 
 class Sa2VACollator:
@@ -618,21 +636,27 @@ class Sa2VACollator:
             return s
         masks = np.asarray(s.masks, dtype=bool)
         if s.frames is not None:  # (n, T, H, W) -> (T, n, H, W)
-            return Sa2VASample(list(s.frames), list(s.conversations), masks.transpose(1, 0, 2, 3), video=True)
-        return Sa2VASample([s.image], list(s.conversations), masks[None], video=False)
+            return Sa2VASample(list(s.frames), list(s.conversations), masks.transpose(1, 0, 2, 3), video=True,
+                               attribute_maps=s.frame_attribute_maps, mask_attributes=s.mask_attributes)
+        amap = None if s.attribute_map is None else s.attribute_map[None]
+        return Sa2VASample([s.image], list(s.conversations), masks[None], video=False, attribute_maps=amap,
+                           mask_attributes=s.mask_attributes)
 
     def __call__(self, samples: Sequence) -> "Sa2VABatch":
         from ..config import IMAGENET_MEAN, IMAGENET_STD
         from ..decoders.sam2 import sam2_preprocess
 
-        rows, pixel_values, sam_pixels, gts = [], [], [], []
-        for s in map(self.as_sa2va, samples):
+        samples = [self.as_sa2va(s) for s in samples]
+        rows, pixel_values, sam_pixels, gts, tile_frames = [], [], [], [], []
+        for s in samples:
             if s.video:
-                tiles = self.frame_pixel_values([s.frames[k] for k in self.mllm_frames(len(s.frames))])
+                tile_frames.append(self.mllm_frames(len(s.frames)))
+                tiles = self.frame_pixel_values([s.frames[k] for k in tile_frames[-1]])
             else:
                 if len(s.frames) != 1:
                     raise ValueError("an image sample has exactly one frame")
                 tiles = self.image_pixel_values(s.frames[0])
+                tile_frames.append([0] * len(tiles))
             rows.append(self.training_ids(s.turns, len(tiles), s.video))
             pixel_values.append(tiles)
             sam_pixels += [sam2_preprocess(f, self.sam_image_size, self.config.sam2.resize, IMAGENET_MEAN,
@@ -650,7 +674,32 @@ class Sa2VACollator:
             input_ids[r, :len(ids)] = torch.tensor(ids)
             labels[r, :len(lab)] = torch.tensor(lab)
             attention[r, :len(ids)] = True
-        return Sa2VABatch(input_ids, labels, attention, torch.cat(pixel_values), torch.stack(sam_pixels), gts)
+        batch = Sa2VABatch(input_ids, labels, attention, torch.cat(pixel_values), torch.stack(sam_pixels), gts)
+        if all(s.attribute_maps is not None and s.mask_attributes is not None for s in samples):
+            self._attributes(batch, samples, tile_frames)
+        return batch
+
+    def _attributes(self, batch: "Sa2VABatch", samples: Sequence["Sa2VASample"], tile_frames: list[list[int]]
+                    ) -> None:
+        """The attribute probes' labels: SAM2's low-resolution mask grid (a quarter of its input side) for every
+        frame, the image-token grid for every MLLM tile (a dynamically tiled image's tiles, thumbnail aside, are
+        crops: they get labels only when the image is a single tile, else the batch gets none), and each
+        [SEG]'s object."""
+        from ..train.data import frame_grid_labels
+
+        grid = self.sam_image_size // 4
+        tgrid = math.isqrt(self.tokens_per_tile)
+        frames, tiles = [], []
+        for s, keep in zip(samples, tile_frames):
+            amap = np.asarray(s.attribute_maps)
+            frames.append(frame_grid_labels(amap, grid))
+            if not s.video and len(keep) != 1:
+                return
+            tiles.append(frame_grid_labels(amap[keep], tgrid))
+        batch.frame_attributes = torch.from_numpy(np.concatenate(frames).astype(np.uint8))
+        batch.tile_attributes = torch.from_numpy(np.concatenate(tiles).astype(np.uint8))
+        batch.mask_attributes = torch.from_numpy(np.concatenate(
+            [np.asarray(s.mask_attributes, np.int64).reshape(-1, 3) for s in samples]))
 
 
 def read_key_frames(source, rule: str, count: int) -> tuple[list[int], dict[int, np.ndarray]]:
@@ -694,6 +743,13 @@ def track_objects(sam: Sam2Decoder, source, keys: list[int], key_rgb: dict[int, 
             logits[active] = sam.postprocess(out.low_res_masks, (h, w))[:, 0].float().cpu()
             scores[active] = out.object_score_logits[:, 0].float().cpu()
         yield TrackFrame(idx, rgb, logits, scores, idx in keys)
+
+
+def _feature_map(feats) -> torch.Tensor:
+    """SAM2's lowest-resolution backbone features as a (B, C, h, w) map (before any memory conditioning)."""
+    h, w = feats.feat_sizes[-1]
+    x = feats.vision_feats[-1]  # (h * w, B, C)
+    return x.permute(1, 2, 0).reshape(x.shape[1], x.shape[2], h, w)
 
 
 def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,8 @@ class TrainSample:
     # the others do not use them.
     box_masks: np.ndarray | None = None
     box_mask_attributes: np.ndarray | None = None
+    # Videos of the shapes world: (T, 3, H, W) uint8, ``attribute_map`` of every frame (Sa2VA's attribute probes).
+    frame_attribute_maps: np.ndarray | None = None
 
     def __post_init__(self):
         n = sum(count_seg(a) for _, a in self.conversations)
@@ -120,6 +122,24 @@ def _choose(rng: np.random.Generator, options: Sequence[str]) -> str:
 
 def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def video_attribute_labels(video, mask_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`attribute_labels` of each frame of a shapes-world video: (T, 3, H, W) uint8 and (n, 3) the classes
+    of the objects ``mask_ids``."""
+    from ..datasets.shapes import COLORS, SHAPES, SIZES
+
+    colors, shapes, sizes = list(COLORS), list(SHAPES), list(SIZES)
+    t_count, (h, w) = len(video.frames), video.frames[0].shape[:2]
+    amap = np.zeros((t_count, 3, h, w), np.uint8)
+    by_id = {}
+    for o in video.objects:
+        cls = (colors.index(o.color) + 1, shapes.index(o.shape) + 1, sizes.index(o.size) + 1)
+        by_id[o.id] = cls
+        visible = video.masks[o.id]  # (T, H, W), already the visible part (later ids drawn on top)
+        for k in range(3):
+            amap[:, k][visible] = cls[k]
+    return amap, np.array([by_id[i] for i in mask_ids], np.int64).reshape(-1, 3)
 
 
 def attribute_labels(item, mask_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -285,15 +305,25 @@ class ShapesSource:
         usable = [e for e in video.expressions if len(e.targets) == 1 and e.targets[0] in names and self._kind_ok(e)]
         if not usable:
             return None
-        e = usable[int(rng.integers(len(usable)))]
-        target = e.targets[0]
-        masks = video.masks[target][None]  # (1, T, H, W)
-        # An attribute expression already names its target uniquely and is echoed, as image answers do (the LLM
-        # copies it); a motion expression is answered with the target's name, which the LLM must find by
-        # watching the key frames.
-        name = e.text if e.kind == "attribute" else names[target]
-        return TrainSample(video.frames[0], [(segment_question(e.text), video_answer(name))], masks,
-                           "video", frames=list(video.frames))
+        # Up to max_expressions expressions about different objects, one conversation turn each (as Sa2VA's video
+        # referring data is): each clip then teaches SAM2 to tell its objects apart, not only object from
+        # background.
+        turns, targets = [], []
+        for j in rng.permutation(len(usable)):
+            e = usable[int(j)]
+            if e.targets[0] in targets or len(targets) == self.max_expressions:
+                continue
+            # An attribute expression already names its target uniquely and is echoed, as image answers do (the
+            # LLM copies it); a motion expression is answered with the target's name, which the LLM must find by
+            # watching the key frames.
+            name = e.text if e.kind == "attribute" else names[e.targets[0]]
+            question = segment_question(e.text)
+            turns.append((question if not turns else question.replace("<image>\n", "", 1), video_answer(name)))
+            targets.append(e.targets[0])
+        masks = np.stack([video.masks[t] for t in targets])  # (n, T, H, W)
+        amaps, mattr = video_attribute_labels(video, targets)
+        return TrainSample(video.frames[0], turns, masks, "video", amaps[0], mattr, frames=list(video.frames),
+                           frame_attribute_maps=amaps)
 
     def _video_keys(self, item, rng) -> TrainSample | None:
         # The same question on only the clip's 5 uniformly spaced key frames (what a uniform-key-frame Sa2VA's
@@ -506,6 +536,15 @@ def grid_labels(amap: np.ndarray, input_size: tuple[int, int], image_size: int, 
     out = np.full((c, grid, grid), IGNORE_INDEX, np.int64)
     out[:, :gh, :gw] = amap[:, ys][:, :, xs]
     return out
+
+
+def frame_grid_labels(amap: np.ndarray, grid: int) -> np.ndarray:
+    """(..., C, H, W) class labels -> (..., C, grid, grid) int64 for a model that resizes the whole frame to a square
+    (Sa2VA: SAM2's input and the MLLM's video frame tile): each cell takes the label of its centre pixel."""
+    h, w = amap.shape[-2:]
+    ys = np.minimum(((np.arange(grid) + 0.5) * h / grid).astype(np.int64), h - 1)
+    xs = np.minimum(((np.arange(grid) + 0.5) * w / grid).astype(np.int64), w - 1)
+    return amap[..., ys, :][..., xs].astype(np.int64)
 
 
 def crop_grid_labels(amap: np.ndarray, grid: int) -> np.ndarray:

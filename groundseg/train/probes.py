@@ -54,7 +54,28 @@ class AttributeProbes(nn.Module):
         return image, prompt
 
 
-class ProbedModel(nn.Module):
+class _Probed(nn.Module):
+    """What both probed wrappers share: ``.model`` (what gets exported) and its config/tokenizer, and the token
+    probe's loss."""
+
+    model: nn.Module
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def _token_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N, t, H) image tokens, (N, 3, t) class labels -> the token probe's summed CE. The tokens are
+        layer-normalised first: their scale is the LLM's business, not the probe's."""
+        tokens = F.layer_norm(tokens.to(self.token_probe.weight.dtype), tokens.shape[-1:])
+        return self.probes._ce(self.token_probe(tokens).transpose(1, 2), labels.to(tokens.device))
+
+
+class ProbedModel(_Probed):
     """A LISA-family model plus :class:`AttributeProbes`; ``forward`` adds ``attr_loss`` (weighted) to the loss
     when the batch carries attribute labels. ``.model`` is what gets exported.
 
@@ -85,14 +106,6 @@ class ProbedModel(nn.Module):
                 raise ValueError("the region probe needs a model with a region encoder (GLaMM)")
             self.region_probe = nn.Linear(model.config.region.out_dims, sum(classes))
 
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def tokenizer(self):
-        return self.model.tokenizer
-
     def forward(self, batch) -> dict[str, torch.Tensor]:
         out = self.model(batch)
         if batch.attribute_maps is None:
@@ -102,16 +115,51 @@ class ProbedModel(nn.Module):
                                            batch.mask_attributes)
         out["attr_loss"] = self.weight * (image + prompt)
         if self.token_weight and batch.token_attribute_maps is not None:
-            tokens = out["image_tokens"]  # (B, g * g, H), row-major patches
-            labels = batch.token_attribute_maps.to(tokens.device).flatten(2)  # (B, 3, g * g)
-            # layer-normalised first: the projected tokens' scale is the LLM's business, not the probe's
-            tokens = F.layer_norm(tokens.to(self.token_probe.weight.dtype), tokens.shape[-1:])
-            logits = self.token_probe(tokens).transpose(1, 2)  # (B, K, g * g)
-            out["attr_loss"] = out["attr_loss"] + self.token_weight * self.probes._ce(logits, labels)
+            # (B, g * g, H) row-major patches, (B, 3, g * g) labels
+            out["attr_loss"] = out["attr_loss"] + self.token_weight * self._token_loss(
+                out["image_tokens"], batch.token_attribute_maps.flatten(2))
         if self.region_weight and batch.region_attributes is not None and out.get("region_vectors") is not None:
             vectors = out["region_vectors"].to(self.region_probe.weight.dtype)
             logits = self.region_probe(F.layer_norm(vectors, vectors.shape[-1:]))
             out["attr_loss"] = out["attr_loss"] + self.region_weight * self.probes._ce(
                 logits, batch.region_attributes.to(logits.device))
         out["loss"] = out["loss"] + out["attr_loss"]
+        return out
+
+
+class Sa2VAProbedModel(_Probed):
+    """A Sa2VA model plus attribute probes (the same three linear classifiers as :class:`ProbedModel`, on
+    Sa2VA's tensors): on SAM2's lowest-level backbone features of every frame it encodes (each cell of its
+    low-resolution mask grid: colour, shape, size or background), on each projected ``[SEG]`` prompt (its
+    object's classes), and, with ``token_weight``, on the image tokens the LLM reads (each token's cell of the
+    frame). A from-scratch SAM2 otherwise learns which object a name means only from the mask losses, slowly; and
+    a motion question ("the shape moving up" -> "the yellow star") can only be answered from image tokens that
+    say what is where in each key frame. ``.model`` is what gets exported."""
+
+    def __init__(self, model: nn.Module, weight: float, token_weight: float = 0.0):
+        super().__init__()
+        from ..datasets.shapes import COLORS, SHAPES, SIZES
+
+        self.model = model
+        self.weight, self.token_weight = float(weight), float(token_weight)
+        classes = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+        self.probes = AttributeProbes(model.grounding_encoder.sam2_model.hidden_dim, model.config.out_dim, classes)
+        if self.token_weight:
+            self.token_probe = nn.Linear(model.hidden_size, sum(classes))
+
+    def forward(self, batch, *args, **kwargs) -> dict[str, torch.Tensor]:
+        out = self.model(batch, *args, **kwargs)
+        if batch.frame_attributes is None or "sam_embeddings" not in out:
+            out["attr_loss"] = out["loss"].new_zeros(())
+            return out
+        feats = out["sam_embeddings"]
+        labels = batch.frame_attributes[out["sam_frames"]].to(feats.device).long()  # (N, 3, g, g)
+        image, prompt = self.probes.losses(feats, out["seg_embeddings"], labels, batch.mask_attributes)
+        attr = self.weight * (image + prompt)
+        if self.token_weight and batch.tile_attributes is not None:
+            # (n_tiles, t * t, H) row-major tokens, (n_tiles, 3, t * t) labels
+            attr = attr + self.token_weight * self._token_loss(out["image_tokens"],
+                                                               batch.tile_attributes.long().flatten(2))
+        out["attr_loss"] = attr
+        out["loss"] = out["loss"] + attr
         return out
