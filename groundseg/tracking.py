@@ -90,17 +90,27 @@ def run(args: argparse.Namespace) -> int:
             if count == 0:  # the key frames have been through the MLLM by now (and a wrong header count fixed)
                 bar.total = source.num_frames
                 bar.refresh()
-                writer.info["answers"] = [g.text for g in groundings]
+                answers = [_shown(g.text, getattr(model, "stop_words", ())) for g in groundings]
+                writer.info["answers"] = answers
                 writer.info["key_frames"] = [source.frame_number(i) for i in _key_indices(model, source, args)]
-                for p, g in zip(prompts, groundings):
+                for p, g, a in zip(prompts, groundings, answers):
                     note = "" if len(g.seg_embeddings) else "  (no [SEG] in the answer: empty masks)"
-                    tqdm.write(f"{p}: {g.text}{note}", file=sys.stdout)
+                    tqdm.write(f"{p}: {a}{note}", file=sys.stdout)
             writer.write(source.frame_number(frame.index), frame.rgb, frame.logits.numpy())
             count += 1
             bar.update(1)
     seconds = time.perf_counter() - t0
     print(f"wrote {count} frames to {out} ({count / max(seconds, 1e-9):.2f} frames/s)")
     return 0
+
+
+def _shown(text: str, stop_words) -> str:
+    """A generated answer without the chat template's end-of-turn word it stopped at ("...[SEG].<|im_end|>")."""
+    text = text.rstrip()
+    for w in stop_words:
+        if w and text.endswith(w):
+            return text[: -len(w)].rstrip()
+    return text
 
 
 def _key_indices(model, source, args) -> list[int]:

@@ -251,3 +251,43 @@ def test_track_in_another_dtype():
     out = list(model.track(frames, ["a", "b"], answer="Sure, [SEG].", num_key_frames=1))
     assert [f.index for f in out] == [0, 1, 2] and [f.key_frame for f in out] == [True, False, False]
     assert out[-1].logits.shape == (2, 24, 32) and bool(torch.isfinite(out[-1].logits).all())
+
+
+def test_generated_answers_are_shown_without_the_end_of_turn_word():
+    from groundseg.tracking import _shown
+
+    assert _shown("Sure, the star[SEG].<|im_end|>", ("<|im_end|>", "<|endoftext|>")) == "Sure, the star[SEG]."
+    assert _shown("Sure, [SEG].", ("<|im_end|>",)) == "Sure, [SEG]."
+
+
+def test_the_shipped_sa2va_shapes_tracks_a_held_out_shapes_video(tmp_path, capsys):
+    # The default model (trained sa2va-shapes) on a test video of another seed than it was trained on: each object
+    # named by its attributes is followed through all 16 frames, the orange shape through leaving the frame and
+    # coming back (its masks are empty while it is out).
+    from groundseg.datasets.shapes import ShapesWorld
+    from groundseg.tracking import default_track_model
+
+    assert default_track_model() == "sa2va-shapes"
+    video = ShapesWorld(seed=1, image_size=256).video(180, 16)
+    (tmp_path / "frames").mkdir()
+    for t, f in enumerate(video.frames):
+        Image.fromarray(f).save(tmp_path / "frames" / f"{t:05d}.png")
+    ids = {e.text: e.targets[0] for e in video.expressions if e.kind == "attribute"}
+    prompts = ["the blue triangle", "the star", "the orange shape"]
+    assert video.reentering == [ids["the orange shape"]]
+    code, out, err = _run(capsys, "track", str(tmp_path / "frames"), *sum((["-p", p] for p in prompts), []),
+                          "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    for p in prompts:
+        assert f"{p}: Sure, {p}[SEG].\n" in out  # the name copied; no <|im_end|> shown
+    doc = json.loads((tmp_path / "o" / "track.json").read_text())
+    assert doc["model"] == "sa2va-shapes" and doc["answers"] == [f"Sure, {p}[SEG]." for p in prompts]
+    for k, p in enumerate(prompts, start=1):
+        gt = video.masks[ids[p]]
+        pred = np.stack([np.asarray(Image.open(tmp_path / "o" / "masks" / f"{t:05d}.png")) == k for t in range(16)])
+        union = (pred | gt).sum((1, 2))
+        j = np.where(union > 0, (pred & gt).sum((1, 2)) / np.maximum(union, 1), 1.0)
+        assert j.mean() > 0.5, (p, j.round(2))
+        if p == "the orange shape":
+            out_of_frame = ~gt.any((1, 2))
+            assert out_of_frame.any() and not pred[out_of_frame].any()
