@@ -515,14 +515,15 @@ def _sa2va_tiny() -> Sa2VAConfig:
 
 def _sa2va_shapes() -> Sa2VAConfig:
     # Sa2VA at a size that trains from scratch on the shapes world's videos (groundseg train --preset
-    # sa2va-shapes): InternViT of 224-pixel frames (64 tokens each after the pixel shuffle), a 3-layer Qwen2 with
+    # sa2va-shapes): InternViT of 112-pixel frames (16 tokens each after the pixel shuffle: behind 5 frames of 64
+    # tokens the from-scratch LLM learnt to copy names far later, README "Sa2VA training"), a 3-layer Qwen2 with
     # tied embeddings (it must copy the name it is asked about), a small SAM2 on 256-pixel frames (16x16
     # embedding, 64x64 masks) whose memory is trained too (losses.track_memory). Key frames: 5 uniformly spaced
     # (the released first-5 rule sees too little motion in a 16-frame clip to tell "moving left" from "right").
     llm = _qwen2(0, 192, 512, 3, 4, 4, max_position_embeddings=1024)
     llm["tie_word_embeddings"] = True
     vision = _internvit(128, 512, 3, 4)
-    vision["image_size"] = 224
+    vision["image_size"] = 112
     return Sa2VAConfig(preset="sa2va-shapes", vision=vision, llm=llm,
                        sam2=Sam2Config("configs/sam2/sam2_hiera_t.yaml",
                                        sam2_small_overrides(24, 64, 32, 1) + ["++model.image_size=256"]),
