@@ -142,14 +142,14 @@ RECIPES: dict[str, dict[str, Any]] = {
                               warmup_steps=100, clip_grad=1.0, ce_weight=1.0, attribute_weight=1.0,
                               token_attribute_weight=1.0, save_every=100, log_every=20, num_workers=0,
                               out="runs/sa2va-shapes-keys"),
-    # Stage 2 (one GPU, 8 minutes): whole 16-frame clips with SAM2's memory trained too (losses.track_memory: key
+    # Stage 2 (one GPU, 9 minutes): whole 16-frame clips with SAM2's memory trained too (losses.track_memory: key
     # frames prompted, the rest tracked, every frame supervised), attribute and motion expressions (the LLM names
     # the target of "the shape moving up"), from stage 1's model. A step is launch-bound (on an H100: 0.79 s at
-    # 16 clips, 1.07 s at 32 on ready data), hence the large batch.
+    # 16 clips, 1.07 s at 32 on ready data), hence the large batch; at 48, 13 workers, the loop ran 1.5 s a step.
     "sa2va-shapes": dict(model="sa2va-shapes", from_scratch=True, init_from="runs/sa2va-shapes-keys/final",
                          dataset="shapes", lora=False, train_all=True, shapes_tasks={"video": 1},
-                         shapes_max_expressions=3, shapes_video_frames=16, steps=100_000, time_limit=8.0,
-                         batch_size=32, grad_accum=1, lr=5e-4, min_lr_ratio=0.1, weight_decay=0.01,
+                         shapes_max_expressions=3, shapes_video_frames=16, steps=100_000, time_limit=9.0,
+                         batch_size=48, grad_accum=1, lr=5e-4, min_lr_ratio=0.1, weight_decay=0.01,
                          warmup_steps=20, clip_grad=1.0, ce_weight=1.0, attribute_weight=1.0,
                          token_attribute_weight=1.0, precision="fp32",
                          save_every=50, log_every=10, num_workers=13, out="runs/sa2va-shapes"),
