@@ -124,39 +124,35 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def video_attribute_labels(video, mask_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`attribute_labels` of each frame of a shapes-world video: (T, 3, H, W) uint8 and (n, 3) the classes
-    of the objects ``mask_ids``."""
+def _labels(objects, masks: dict, shape: tuple[int, ...], mask_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Class maps (3, *shape) uint8 with each object's colour/shape/size class (1-based indices into ``COLORS``,
+    ``SHAPES``, ``SIZES``; 0 = background) where ``masks[id]`` (``shape[1:]`` or ``shape``) is set, and (n, 3) the
+    classes of the objects ``mask_ids``."""
     from ..datasets.shapes import COLORS, SHAPES, SIZES
 
     colors, shapes, sizes = list(COLORS), list(SHAPES), list(SIZES)
-    t_count, (h, w) = len(video.frames), video.frames[0].shape[:2]
-    amap = np.zeros((t_count, 3, h, w), np.uint8)
+    amap = np.zeros((3, *shape), np.uint8)
     by_id = {}
-    for o in video.objects:
+    for o in objects:
         cls = (colors.index(o.color) + 1, shapes.index(o.shape) + 1, sizes.index(o.size) + 1)
         by_id[o.id] = cls
-        visible = video.masks[o.id]  # (T, H, W), already the visible part (later ids drawn on top)
         for k in range(3):
-            amap[:, k][visible] = cls[k]
+            amap[k][masks[o.id]] = cls[k]
     return amap, np.array([by_id[i] for i in mask_ids], np.int64).reshape(-1, 3)
+
+
+def video_attribute_labels(video, mask_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`attribute_labels` of each frame of a shapes-world video: (T, 3, H, W) uint8 and (n, 3) the classes
+    of the objects ``mask_ids``. ``video.masks`` are already the visible parts (later ids drawn on top)."""
+    amap, classes = _labels(video.objects, video.masks, (len(video.frames), *video.frames[0].shape[:2]), mask_ids)
+    return amap.transpose(1, 0, 2, 3), classes
 
 
 def attribute_labels(item, mask_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """A shapes-world image's dense attribute labels: (3, H, W) uint8 colour/shape/size class of the visible
     object at each pixel (1-based indices into ``COLORS``, ``SHAPES``, ``SIZES``; 0 = background), and (n, 3) the
     classes of the objects ``mask_ids``."""
-    from ..datasets.shapes import COLORS, SHAPES, SIZES
-
-    colors, shapes, sizes = list(COLORS), list(SHAPES), list(SIZES)
-    amap = np.zeros((3, *item.image.shape[:2]), np.uint8)
-    by_id = {}
-    for o in item.objects:
-        cls = (colors.index(o.color) + 1, shapes.index(o.shape) + 1, sizes.index(o.size) + 1)
-        by_id[o.id] = cls
-        for k in range(3):
-            amap[k][o.mask] = cls[k]
-    return amap, np.array([by_id[i] for i in mask_ids], np.int64).reshape(-1, 3)
+    return _labels(item.objects, {o.id: o.mask for o in item.objects}, item.image.shape[:2], mask_ids)
 
 
 @dataclass
