@@ -238,12 +238,15 @@ def test_groundseg_train_runs_sa2va_on_shapes_videos_and_exports(tmp_path):
     cfg = TrainConfig(out=str(tmp_path / "run"), model="sa2va-tiny", from_scratch=True, dataset="shapes",
                       shapes_tasks={"video": 3, "refer": 1}, shapes_max_expressions=2, shapes_video_frames=3,
                       shapes_image_size=64, steps=2, batch_size=2, lr=1e-3, warmup_steps=1, attribute_weight=0.5,
-                      token_attribute_weight=0.5, lora=True, trainable=["text_hidden_fcs", "sam_mask_decoder"], save_every=2, progress=False)
+                      token_attribute_weight=0.5, vision_pretrain_steps=3, vision_pretrain_batch=4,
+                      vision_pretrain_images=8, lora=True, trainable=["text_hidden_fcs", "sam_mask_decoder"], save_every=2, progress=False)
     out = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2]  # logged every 10 steps and at the last
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert rows[0]["attr_loss"] > 0 and rows[0]["data_wait_s"] >= 0  # the probes ran; the loader wait is logged
+    pretrained = json.loads((out / "vision_pretrain.json").read_text())  # SAM2's encoder was pretrained first
+    assert pretrained["steps"] == 3 and set(pretrained["object_accuracy"]) == {"colour", "shape", "size"}
     model = load_model(out / "final")
     assert model.family == "sa2va" and not any("lora_" in k or "probe" in k for k in model.state_dict())
     world_frames = [np.zeros((48, 64, 3), np.uint8) + 40 * k for k in range(3)]

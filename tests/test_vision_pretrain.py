@@ -59,19 +59,25 @@ def test_losses_against_hand_values():
     assert float(none) == 0.0
 
 
+def _pretrain_changes_only(model, prefix: str, **kw):
+    """Run the stage; check that it changed the tensors under ``prefix`` and nothing else, and left no head."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = pretrain_vision(model, **kw)
+    after = model.state_dict()
+    assert set(after) == set(before)  # the head is gone
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith(prefix) for k in changed), sorted(changed)[:5]
+    return result
+
+
 def test_stage_trains_the_tower_alone_and_learns_colour():
     from groundseg import load_model
 
     model = load_model("lisa-tiny")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     torch.manual_seed(0)
-    result = pretrain_vision(model, steps=60, batch_size=16, lr=3e-3, images=200, seed=5, image_size=64,
-                             held_out=40, log=None)
-    after = model.state_dict()
-    assert set(after) == set(before)  # the head is gone
-    changed = {k for k in after if not torch.equal(after[k], before[k])}
-    assert changed and all(k.startswith("vlm.vision_tower.") for k in changed)
+    result = _pretrain_changes_only(model, "vlm.vision_tower.", steps=60, batch_size=16, lr=3e-3, images=200,
+                                    seed=5, image_size=64, held_out=40, log=None)
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
     # colour is a per-pixel property: 60 steps take it far above the 1/6 of a guess on held-out images
     assert result.object_accuracy["colour"] > 0.6, result
@@ -93,3 +99,28 @@ def test_a_run_pretrains_first_and_records_it(tmp_path, monkeypatch):
     with pytest.raises(trainer.InputError, match="shapes world"):
         trainer.train(trainer.TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "r2"),
                                              "dataset": "refer_seg", "data_root": str(tmp_path)}))
+
+
+def test_sa2va_stage_trains_sam2s_image_encoder_on_whole_frame_labels():
+    # For Sa2VA the stage trains SAM2's image encoder: labels on SAM2's low-resolution mask grid of the whole image
+    # (SAM2 resizes the frame, it does not crop), features upsampled 4x to that grid.
+    from groundseg import load_model
+    from groundseg.datasets.shapes import ShapesWorld
+    from groundseg.train.data import attribute_labels, frame_grid_labels
+    from groundseg.train.vision_pretrain import vision_tower
+
+    torch.manual_seed(0)
+    model = load_model("sa2va-tiny")
+    tower = vision_tower(model)
+    assert tower.module is model.grounding_encoder.sam2_model.image_encoder and not tower.crop
+    assert tower.grid == model.grounding_encoder.image_size // 4
+    item = ShapesWorld(seed=5, image_size=48).image(0)
+    labels = shapes_patch_labels(item, tower.grid, crop=False)
+    amap, _ = attribute_labels(item, [])
+    assert np.array_equal(labels[:3], frame_grid_labels(amap, tower.grid))
+    feats = tower.features(tower.preprocess(item.image)[None])
+    assert feats.shape == (1, tower.grid ** 2, tower.width)
+    result = _pretrain_changes_only(model, "grounding_encoder.sam2_model.image_encoder.", steps=30, batch_size=8,
+                                    lr=3e-3, images=60, seed=5, image_size=64, held_out=20, log=None)
+    assert set(result.object_accuracy) == {"colour", "shape", "size"}
+    assert result.object_accuracy["colour"] > 0.3, result  # a guess is 1/6

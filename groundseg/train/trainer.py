@@ -468,9 +468,9 @@ def _vision_stage(cfg: TrainConfig, model, accelerator, out: Path) -> None:
     if "shapes" not in cfg.dataset.split("||"):
         raise InputError(f"--vision-pretrain-steps: the stage learns from the shapes world, but --dataset is "
                          f"{cfg.dataset!r}; add shapes or set --vision-pretrain-steps 0")
-    if not hasattr(model, "vlm"):
-        raise InputError(f"--vision-pretrain-steps: for LISA/GLaMM models (a CLIP vision tower); "
-                         f"{cfg.model} has none")
+    if not (hasattr(model, "vlm") or hasattr(model, "grounding_encoder")):
+        raise InputError(f"--vision-pretrain-steps: for LISA/GLaMM models (a CLIP vision tower) and Sa2VA models "
+                         f"(SAM2's image encoder); {cfg.model} has neither")
     result = pretrain_vision(model, cfg.vision_pretrain_steps, cfg.vision_pretrain_batch, cfg.vision_pretrain_lr,
                              cfg.vision_pretrain_images, cfg.shapes_seed, cfg.shapes_image_size,
                              device=accelerator.device, log=print if accelerator.is_main_process else None)

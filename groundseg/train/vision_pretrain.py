@@ -5,6 +5,10 @@ from-scratch presets start from random weights, and a vision transformer learns 
 model, through the language and mask losses alone, the 3-layer CLIP of ``shapes-demo`` could not tell a circle from
 a star (a linear probe on its patches scored near chance), so the LLM could not name what it saw.
 
+The same holds for the from-scratch SAM2 of ``sa2va-shapes``: its image features learnt colour and size inside the
+full model but not shape (a probe read shape right on 28% of object pixels), and its mask decoder could not tell
+"the star" from "the hexagon". For Sa2VA models the stage trains SAM2's image encoder instead of a CLIP tower.
+
 This stage gives the tower what pretraining gives the real ones, cheaply and before anything else is trained: the
 tower alone, on shapes-world images of the run's training seed, with a throw-away linear head and two losses,
 
@@ -26,6 +30,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,38 +58,78 @@ class VisionPretrainResult:
                     patch_accuracy=self.patch_accuracy, object_accuracy=self.object_accuracy)
 
 
-def tower_and_grid(model) -> tuple[nn.Module, int]:
-    """The CLIP vision tower of a LISA/GLaMM model and its patch grid side."""
-    vision = model.config.vision
-    return model.vlm.vision_tower, int(round(vision.image_size / int(vision.clip["patch_size"])))
+@dataclass
+class Tower:
+    """What the stage trains and how it sees an image: ``module`` (its parameters are trained), ``features``
+    (model inputs (B, 3, S, S) -> (B, grid * grid, width) row-major), ``preprocess`` (RGB -> one input) and
+    ``crop`` (whether the model sees the centre square of the image, as CLIP does, or the whole image resized to a
+    square, as SAM2 does)."""
+
+    module: nn.Module
+    features: Callable[[torch.Tensor], torch.Tensor]
+    width: int
+    grid: int
+    preprocess: Callable[[np.ndarray], torch.Tensor]
+    crop: bool
 
 
-def shapes_patch_labels(item, grid: int) -> np.ndarray:
+def vision_tower(model) -> Tower:
+    """The tower a model's stage trains: the CLIP tower of a LISA/GLaMM model (its ``select_layer`` patches), or
+    SAM2's image encoder of a Sa2VA model. SAM2's lowest-level features (a 16-pixel grid) are upsampled 4x, to its
+    low-resolution mask grid, so that small objects get patches of their own; the mask decoder reads those
+    features, and they are what tells one object's shape from another's."""
+    if hasattr(model, "vlm"):
+        from ..grounding.lisa import clip_preprocess
+
+        vision = model.config.vision
+        tower, layer = model.vlm.vision_tower, vision.select_layer
+        return Tower(tower, lambda x: tower(pixel_values=x, output_hidden_states=True).hidden_states[layer][:, 1:],
+                     tower.config.hidden_size, int(round(vision.image_size / int(vision.clip["patch_size"]))),
+                     lambda rgb: clip_preprocess(rgb, model.config), crop=True)
+    if hasattr(model, "grounding_encoder"):
+        from ..config import IMAGENET_MEAN, IMAGENET_STD
+        from ..decoders.sam2 import sam2_preprocess
+        from ..grounding.sa2va import _feature_map
+
+        sam, size = model.grounding_encoder, model.grounding_encoder.image_size
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            f = _feature_map(sam.encode(x))
+            f = F.interpolate(f.float(), size=(size // 4, size // 4), mode="bilinear", align_corners=False)
+            return f.flatten(2).transpose(1, 2)
+
+        return Tower(sam.sam2_model.image_encoder, features, sam.sam2_model.hidden_dim, size // 4,
+                     lambda rgb: sam2_preprocess(rgb, size, model.config.sam2.resize, IMAGENET_MEAN, IMAGENET_STD),
+                     crop=False)
+    raise ValueError(f"no vision tower to pretrain in a {type(model).__name__}")
+
+
+def shapes_patch_labels(item, grid: int, crop: bool = True) -> np.ndarray:
     """(4, grid, grid) int64: colour, shape, size class and object id (0 = background) at each patch centre of the
-    tower's view of a shapes-world image (the centre square, see ``train.data.crop_grid_labels``)."""
-    from .data import attribute_labels, crop_grid_labels
+    tower's view of a shapes-world image (the centre square, see ``train.data.crop_grid_labels``; with
+    ``crop=False`` the whole image, see ``train.data.frame_grid_labels``)."""
+    from .data import attribute_labels, crop_grid_labels, frame_grid_labels
 
     amap, _ = attribute_labels(item, [])
     ids = np.zeros((1, *amap.shape[1:]), np.uint8)
     for o in item.objects:  # drawn in id order, so later (upper) objects win, as in the image
         ids[0][o.mask] = o.id
-    return crop_grid_labels(np.concatenate([amap, ids]), grid)
+    both = np.concatenate([amap, ids])
+    return crop_grid_labels(both, grid) if crop else frame_grid_labels(both, grid)
 
 
-def make_images(model, seed: int, count: int, image_size: int = 256, offset: int = 0
+def make_images(tower: Tower, seed: int, count: int, image_size: int = 256, offset: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` shapes-world images of ``seed`` (indices ``offset...``) as the tower's inputs (float16, to halve
     the cache) and their (4, g, g) patch labels."""
     from ..datasets.shapes import ShapesWorld
-    from ..grounding.lisa import clip_preprocess
 
     world = ShapesWorld(seed=seed, image_size=image_size)
-    _, grid = tower_and_grid(model)
     xs, ys = [], []
     for i in range(offset, offset + count):
         item = world.image(i)
-        xs.append(clip_preprocess(item.image, model.config).half())
-        ys.append(torch.from_numpy(shapes_patch_labels(item, grid)))
+        xs.append(tower.preprocess(item.image).half())
+        ys.append(torch.from_numpy(shapes_patch_labels(item, tower.grid, tower.crop)))
     return torch.stack(xs), torch.stack(ys)
 
 
@@ -116,13 +161,13 @@ def object_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
 
 class _Head(nn.Module):
-    def __init__(self, tower: nn.Module, select_layer: int, width: int):
+    def __init__(self, tower: Tower):
         super().__init__()
-        self.tower, self.select_layer = tower, select_layer
-        self.linear = nn.Linear(width, sum(CLASSES))
+        self.tower, self.features = tower.module, tower.features
+        self.linear = nn.Linear(tower.width, sum(CLASSES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.tower(pixel_values=x, output_hidden_states=True).hidden_states[self.select_layer][:, 1:]
+        h = self.features(x)
         return self.linear(F.layer_norm(h, h.shape[-1:]))
 
 
@@ -151,14 +196,17 @@ def pretrain_vision(model, steps: int, batch_size: int = 32, lr: float = 1e-3, i
                     log=print) -> VisionPretrainResult:
     """Train ``model``'s vision tower in place for ``steps`` steps (see the module doc); returns held-out accuracies
     on ``held_out`` images of the same seed that the stage never trained on. Deterministic for a seed on CPU."""
-    tower, _ = tower_and_grid(model)
+    spec = vision_tower(model)
+    tower = spec.module
     t0 = time.perf_counter()
-    x, y = make_images(model, seed, images + held_out, image_size)
+    x, y = make_images(spec, seed, images + held_out, image_size)
     xt, yt = x[images:], y[images:]
     x, y = x[:images], y[:images]
     gen = torch.Generator().manual_seed(seed)
-    head = _Head(tower, model.config.vision.select_layer, tower.config.hidden_size)
+    head = _Head(spec)
     head.to(device)  # the tower too; accelerate.prepare moves the rest of the model later
+    if not spec.crop:  # SAM2's encoding also runs its decoder's high-resolution convolutions
+        model.grounding_encoder.to(device)
     was_training = tower.training
     tower.train()
     params = [p for p in head.parameters()]
@@ -203,14 +251,14 @@ def probe_tower(model, images: int = 3000, held_out: int = 200, steps: int = 600
     """How much a model's (frozen) vision tower knows about the shapes world: a linear head fitted with the stage's
     losses on ``images`` images of ``seed``, scored on ``held_out`` more. Returns (patch, object) accuracies; the
     tower is not changed."""
-    tower, _ = tower_and_grid(model)
-    x, y = make_images(model, seed, images + held_out, image_size)
-    head = _Head(tower, model.config.vision.select_layer, tower.config.hidden_size)
+    spec = vision_tower(model)
+    tower = spec.module
+    x, y = make_images(spec, seed, images + held_out, image_size)
+    head = _Head(spec)
     was_training = tower.training
     tower.eval()
     with torch.no_grad():
-        feats = torch.cat([tower(pixel_values=x[i:i + 100].float(), output_hidden_states=True)
-                           .hidden_states[head.select_layer][:, 1:] for i in range(0, images, 100)])
+        feats = torch.cat([spec.features(x[i:i + 100].float()) for i in range(0, images, 100)])
     optimizer = torch.optim.Adam(head.linear.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -244,7 +292,7 @@ def write_result(result: VisionPretrainResult, path: Path) -> None:
         Path(tmp).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
 
-__all__ = ["pretrain_vision", "probe_tower", "attribute_losses", "object_logits", "shapes_patch_labels",
+__all__ = ["pretrain_vision", "probe_tower", "vision_tower", "Tower", "attribute_losses", "object_logits", "shapes_patch_labels",
            "VisionPretrainResult", "write_result"]
 
 if __name__ == "__main__":
