@@ -510,13 +510,13 @@ class Sa2VAModel(nn.Module):
         count = 0
         tracked = []  # per frame-count group: ({frame: FrameOutput}, (T, rows, 1, h, w) targets), for inspection
         maps, map_frames = [], []  # SAM2's lowest-level features of each frame used, and that frame's index
+        pixels = batch.sam_pixel_values.to(dev, non_blocking=True)  # once: the batch's largest tensor
         for t_count, members in sorted(groups.items()):
             # rows: (sample, object); frame t of row r is sam_pixel_values[first_frame[sample] + t]
             rows = [(i, j) for i in members for j in range(batch.gt_masks[i].shape[1])]
             lang = seg[torch.tensor([first_seg[i] + j for i, j in rows], device=seg.device)]
             frame_ids = torch.tensor([first_frame[i] for i in members])[:, None] + torch.arange(t_count)
-            # (members * T) frames, gathered on the device (the batch's frames are its largest tensor)
-            feats = sam.encode(batch.sam_pixel_values.to(dev, non_blocking=True)[frame_ids.flatten().to(dev)])
+            feats = sam.encode(pixels[frame_ids.flatten().to(dev)])  # (members * T) frames, gathered on the device
             maps.append(_feature_map(feats))
             map_frames.append(frame_ids.flatten())
             member_pos = {i: k for k, i in enumerate(members)}

@@ -381,10 +381,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    if cfg.num_workers and torch.get_num_threads() > 1:
+    threads = torch.get_num_threads()  # restored after the loop (train() may be called from a longer session)
+    if cfg.num_workers and threads > 1:
         # The workers keep their cores busy; a main process whose ops each spread over every core then waits at
         # each op's barrier for threads the workers have preempted. Leave it the cores the workers do not use.
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - cfg.num_workers)))
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - cfg.num_workers)))
     loader = torch.utils.data.DataLoader(
         _Batches(source, collator, cfg.batch_size, accelerator.process_index, accelerator.num_processes,
                  step * cfg.grad_accum, cfg.steps * cfg.grad_accum),
@@ -448,6 +449,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             break
         t_ready = time.perf_counter()
     bar.close()
+    torch.set_num_threads(threads)
     accelerator.wait_for_everyone()
     if cfg.export and finished:
         if timed_out and accelerator.is_main_process:
