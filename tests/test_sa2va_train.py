@@ -239,8 +239,10 @@ def test_groundseg_train_runs_sa2va_on_shapes_videos_and_exports(tmp_path):
                       shapes_tasks={"video": 3, "refer": 1}, shapes_max_expressions=2, shapes_video_frames=3,
                       shapes_image_size=64, steps=2, batch_size=2, lr=1e-3, warmup_steps=1, attribute_weight=0.5,
                       token_attribute_weight=0.5, vision_pretrain_steps=3, vision_pretrain_batch=4,
-                      vision_pretrain_images=8, lora=True, trainable=["text_hidden_fcs", "sam_mask_decoder"], save_every=2, progress=False)
+                      vision_pretrain_images=8, num_workers=1, lora=True, trainable=["text_hidden_fcs", "sam_mask_decoder"], save_every=2, progress=False)
+    threads = torch.get_num_threads()
     out = train(cfg)
+    assert torch.get_num_threads() == threads  # a loader worker (from a fork server) ran; the cores came back
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2]  # logged every 10 steps and at the last
     assert all(np.isfinite(r["loss"]) for r in rows)

@@ -391,6 +391,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                  step * cfg.grad_accum, cfg.steps * cfg.grad_accum),
         batch_size=None, shuffle=False, num_workers=cfg.num_workers, worker_init_fn=_quiet_worker,
         persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
+        # Workers are not forked from this process: it has thread pools (torch's, OpenCV's) running by now, and a
+        # child forked from a threaded parent can deadlock on a lock one of those threads held (it did, once, in
+        # the test suite). A fork server starts from a clean interpreter; the batches object is pickled to it.
+        multiprocessing_context=_worker_context() if cfg.num_workers else None,
         # its own generator: creating the iterator would otherwise draw from the global RNG, which a resumed
         # run has just restored, and shift every dropout mask after it
         generator=torch.Generator().manual_seed(cfg.seed))
@@ -502,6 +506,13 @@ def _export(accelerator, model, cfg: TrainConfig, dest: Path) -> None:
         merge_lora(final)
         save_pretrained(final.eval(), dest)
     accelerator.wait_for_everyone()
+
+
+def _worker_context() -> str:
+    """``forkserver`` where the platform has it (Linux, macOS), else ``spawn`` (Windows)."""
+    import multiprocessing
+
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def _quiet_worker(_: int) -> None:
