@@ -353,3 +353,23 @@ def test_sa2va_attribute_probes_add_the_cross_entropies_they_claim():
     # the probes reach SAM2's image encoder and the vision tower through their inputs
     enc = next(p for p in model.grounding_encoder.sam2_model.image_encoder.parameters())
     assert enc.grad is not None and enc.grad.abs().sum() > 0
+
+
+def test_sa2va_position_probe_reads_each_tile_tokens_row_and_column():
+    import math
+
+    from groundseg.train.probes import Sa2VAProbedModel
+
+    torch.manual_seed(0)
+    model = _memory_model()
+    probed = Sa2VAProbedModel(model, weight=0.5, token_weight=0.0, position_weight=2.0)
+    g = math.isqrt(model.tokens_per_tile)
+    assert g * g == model.tokens_per_tile and probed.position_probe.out_features == 2 * g
+    torch.nn.init.zeros_(probed.position_probe.weight)
+    torch.nn.init.zeros_(probed.position_probe.bias)
+    _, batch = _probe_batch(model)
+    out = probed(batch)
+    assert float(out["position_loss"]) == pytest.approx(2.0 * 2 * math.log(g), rel=1e-5)
+    assert torch.allclose(out["loss"], out["ce_loss"] + out["mask_bce_loss"] + out["mask_dice_loss"]
+                          + out["iou_loss"] + out["object_loss"] + out["attr_loss"] + out["position_loss"],
+                          rtol=1e-5)

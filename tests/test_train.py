@@ -481,3 +481,35 @@ def test_loader_workers_run_opencv_on_one_thread():
         assert cv2.getNumThreads() == 1
     finally:
         cv2.setNumThreads(before)
+
+
+def test_position_probe_reads_each_image_tokens_row_and_column(tmp_path):
+    # --token-position-weight: a linear probe on the LLM's image tokens predicts each token's (row, column) in the
+    # patch grid. With the probe zeroed the loss is the uniform 2 log g, weighted; it trains the tower through the
+    # tokens; and it needs --attribute-weight (the probes' wrapper), a clear error otherwise.
+    import math
+
+    from groundseg import load_model
+    from groundseg.train.data import Collator, ShapesSource
+    from groundseg.train.probes import ProbedModel
+
+    model = load_model("lisa-tiny")
+    probed = ProbedModel(model, 1.0, 0.0, 0.0, position_weight=0.25)
+    g = model.config.vision.image_size // model.config.vision.clip["patch_size"]
+    assert probed.position_probe.out_features == 2 * g
+    torch.nn.init.zeros_(probed.position_probe.weight)
+    torch.nn.init.zeros_(probed.position_probe.bias)
+    src = ShapesSource(seed=1, image_size=64, tasks={"refer": 1})
+    batch = Collator(model.config, model.tokenizer)([src.sample(np.random.default_rng(k)) for k in range(2)])
+    out = probed(batch)
+    assert float(out["position_loss"]) == pytest.approx(0.25 * 2 * math.log(g), rel=1e-5)
+    assert torch.allclose(out["loss"], out["ce_loss"] + out["mask_bce_loss"] + out["mask_dice_loss"]
+                          + out["attr_loss"] + out["position_loss"], rtol=1e-5)
+    out["loss"].backward()
+    assert probed.position_probe.weight.grad.abs().sum() > 0
+    assert model.vlm.vision_tower.embeddings.position_embedding.weight.grad.abs().sum() > 0
+    cfg = trainer.TrainConfig(out=str(tmp_path / "run"), model="lisa-tiny", dataset="shapes", steps=1,
+                              token_position_weight=1.0, progress=False)
+    with pytest.raises(trainer.InputError, match="--token-position-weight 1.0: the probes run only with"):
+        trainer.train(cfg)
+    assert not (tmp_path / "run").exists()

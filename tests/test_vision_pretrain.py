@@ -124,3 +124,40 @@ def test_sa2va_stage_trains_sam2s_image_encoder_on_whole_frame_labels():
                                     lr=3e-3, images=60, seed=5, image_size=64, held_out=20, log=None)
     assert set(result.object_accuracy) == {"colour", "shape", "size"}
     assert result.object_accuracy["colour"] > 0.3, result  # a guess is 1/6
+
+
+def test_position_loss_against_hand_values():
+    from groundseg.train.vision_pretrain import position_loss
+
+    g = 3
+    # uniform logits: log(g) for the row plus log(g) for the column
+    assert float(position_loss(torch.zeros(2, g * g, 2 * g), g)) == pytest.approx(2 * math.log(g), rel=1e-6)
+    # patch i = (row i // g, column i % g), row-major; logits that say so with a margin of 20 cost ~0
+    right = torch.zeros(1, g * g, 2 * g)
+    for i in range(g * g):
+        right[0, i, i // g] = right[0, i, g + i % g] = 20.0
+    assert float(position_loss(right, g)) < 1e-6
+    # transposed (row and column swapped): wrong on every off-diagonal patch
+    wrong = torch.zeros(1, g * g, 2 * g)
+    for i in range(g * g):
+        wrong[0, i, i % g] = wrong[0, i, g + i // g] = 20.0
+    off = (g * g - g) / (g * g)  # share of patches whose row != column
+    assert float(position_loss(wrong, g)) == pytest.approx(2 * off * 20.0, rel=1e-3)
+
+
+def test_stage_with_a_position_weight_teaches_and_reports_patch_positions():
+    from groundseg import load_model
+
+    model = load_model("lisa-tiny")
+    torch.manual_seed(0)
+    plain = pretrain_vision(model, steps=2, batch_size=4, images=8, seed=5, image_size=64, held_out=4, log=None)
+    assert plain.position_accuracy is None and "position_accuracy" not in plain.to_dict()
+    model = load_model("lisa-tiny")
+    torch.manual_seed(0)
+    result = _pretrain_changes_only(model, "vlm.vision_tower.", steps=80, batch_size=16, lr=3e-3, images=100,
+                                    seed=5, image_size=64, held_out=20, log=None, position_weight=1.0)
+    g = model.config.vision.image_size // model.config.vision.clip["patch_size"]
+    # CLIP adds a position embedding to every patch: read back, it is far above the 1/g of a guess
+    assert set(result.position_accuracy) == {"row", "column"}
+    assert min(result.position_accuracy.values()) > 2.0 / g, (result.position_accuracy, g)
+    assert result.to_dict()["position_accuracy"] == result.position_accuracy

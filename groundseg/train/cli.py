@@ -91,6 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the attribute probes on the image tokens the LLM reads (with --attribute-weight)")
     p.add_argument("--region-attribute-weight", type=float, default=S,
                    help="the attribute probes on GLaMM's region vectors (with --attribute-weight)")
+    p.add_argument("--token-position-weight", type=float, default=S,
+                   help="a probe that reads each image token's row and column back (with --attribute-weight)")
     p.add_argument("--vision-pretrain-steps", type=int, default=S,
                    help="first train the vision tower alone on the shapes world's colour/shape/size labels (0 = off)")
     p.add_argument("--vision-pretrain-batch", type=int, default=S, help="images per step of that stage")

@@ -80,6 +80,7 @@ class TrainConfig:
     attribute_weight: float = 0.0  # auxiliary attribute probes (train/probes.py); shapes-world data only
     token_attribute_weight: float = 0.0  # the same probes on the LLM's image tokens (train/probes.py)
     region_attribute_weight: float = 0.0  # ... and on GLaMM's region vectors (region-caption boxes)
+    token_position_weight: float = 0.0  # each image token's row and column, read back linearly (train/probes.py)
     # Stage 1 of a from-scratch shapes recipe (train/vision_pretrain.py): the vision tower alone learns colour,
     # shape and size from dense labels before the main run. 0 = no such stage.
     vision_pretrain_steps: int = 0
@@ -331,20 +332,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     model, (n_train, n_total) = build_for_training(cfg)
     config, tokenizer = model.config, model.tokenizer
-    if cfg.vision_pretrain_steps and ckpt is None:  # a resumed run has the pretrained tower in its checkpoint
-        _vision_stage(cfg, model, accelerator, out)
     if cfg.attribute_weight < 0:
         raise InputError(f"--attribute-weight {cfg.attribute_weight}: expected 0 or more")
+    if cfg.token_position_weight and not cfg.attribute_weight:
+        raise InputError(f"--token-position-weight {cfg.token_position_weight}: the probes run only with "
+                         "--attribute-weight > 0")
+    if cfg.vision_pretrain_steps and ckpt is None:  # a resumed run has the pretrained tower in its checkpoint
+        _vision_stage(cfg, model, accelerator, out)
     if cfg.attribute_weight and getattr(model, "family", "") == "sa2va":
         if cfg.region_attribute_weight:
             raise InputError("--region-attribute-weight: Sa2VA models have no region encoder")
         from .probes import Sa2VAProbedModel
 
-        model = Sa2VAProbedModel(model, cfg.attribute_weight, cfg.token_attribute_weight)
+        model = Sa2VAProbedModel(model, cfg.attribute_weight, cfg.token_attribute_weight, cfg.token_position_weight)
     elif cfg.attribute_weight:
         from .probes import ProbedModel
 
-        model = ProbedModel(model, cfg.attribute_weight, cfg.token_attribute_weight, cfg.region_attribute_weight)
+        model = ProbedModel(model, cfg.attribute_weight, cfg.token_attribute_weight, cfg.region_attribute_weight,
+                            cfg.token_position_weight)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -420,7 +425,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     log_sums["grad_norm"] = log_sums.get("grad_norm", 0.0) + float(grad_norm) * cfg.grad_accum
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "attr_loss", "iou_loss", "object_loss"):
+        for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "attr_loss", "position_loss", "iou_loss",
+                  "object_loss"):
             if k in losses:
                 log_sums[k] = log_sums.get(k, 0.0) + float(losses[k].detach())
         n_logged += 1
@@ -479,7 +485,9 @@ def _vision_stage(cfg: TrainConfig, model, accelerator, out: Path) -> None:
                          f"(SAM2's image encoder); {cfg.model} has neither")
     result = pretrain_vision(model, cfg.vision_pretrain_steps, cfg.vision_pretrain_batch, cfg.vision_pretrain_lr,
                              cfg.vision_pretrain_images, cfg.shapes_seed, cfg.shapes_image_size,
-                             device=accelerator.device, log=print if accelerator.is_main_process else None)
+                             device=accelerator.device, log=print if accelerator.is_main_process else None,
+                             # where the pretrained tower is the one the LLM reads (CLIP), it keeps positions too
+                             position_weight=cfg.token_position_weight if hasattr(model, "vlm") else 0.0)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_result(result, out / "vision_pretrain.json")
