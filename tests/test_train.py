@@ -445,6 +445,7 @@ def test_every_documented_recipe_builds_a_config_of_a_known_preset():
     assert trainer.RECIPES["sa2va-shapes"]["init_from"] == "runs/sa2va-shapes-keys/final"
     assert trainer.RECIPES["glamm-shapes"]["init_from"] == "shapes-demo"
     assert trainer.RECIPES["glamm-shapes"]["vision_pretrain_steps"] > 0
+    assert trainer.RECIPES["sa2va-shapes-keys"]["vision_pretrain_steps"] > 0  # SAM2 learns shape first
 
 
 def test_shapes_kinds_restrict_questions_to_copyable_names():
