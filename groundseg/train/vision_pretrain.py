@@ -186,9 +186,9 @@ def position_loss(logits: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, grid * grid, 2 * grid) row-major patch logits -> CE of each patch's row plus CE of its column.
 
     A tower trained from random weights on what-is-where labels alone keeps little of *where*: after glamm-shapes'
-    recipe a patch's column was linearly readable 18% of the time on its 8x8 grid (chance 12.5%), and its LLM,
-    which reads those patches, could not list objects from left to right. A pretrained CLIP's patches carry their
-    position; this loss keeps ours carrying it."""
+    recipe a patch's column was linearly readable 18% of the time on its 8x8 grid (chance 12.5%), though its LLM
+    is asked to list objects from left to right. A pretrained CLIP's patches carry their position; this loss keeps
+    ours carrying it."""
     idx = torch.arange(grid * grid, device=logits.device).expand(len(logits), -1)
     rows = F.cross_entropy(logits[..., :grid].float().transpose(1, 2), idx // grid)
     cols = F.cross_entropy(logits[..., grid:].float().transpose(1, 2), idx % grid)
