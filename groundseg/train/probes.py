@@ -91,17 +91,10 @@ class _Probed(nn.Module):
         and a caption "from left to right" has nothing to go by then. (A pretrained CLIP's tokens carry their
         position; LLaVA relies on it.) With this probe they read back at 99.7%; that alone did not teach the small
         LLM to list objects in order (README, "GCG and region captions")."""
-        g = self.position_grid
-        if tokens.shape[1] != g * g:
-            raise ValueError(f"position probe: {tokens.shape[1]} image tokens, expected {g}x{g}")
+        from .vision_pretrain import position_loss  # the vision pretraining stage's head computes the same loss
+
         tokens = F.layer_norm(tokens.to(self.position_probe.weight.dtype), tokens.shape[-1:])
-        logits = self.position_probe(tokens)  # (N, g*g, 2g)
-        idx = torch.arange(g * g, device=tokens.device)
-        rows = (idx // g).expand(len(tokens), -1)
-        cols = (idx % g).expand(len(tokens), -1)
-        row_ce = F.cross_entropy(logits[..., :g].float().transpose(1, 2), rows)
-        col_ce = F.cross_entropy(logits[..., g:].float().transpose(1, 2), cols)
-        return self.position_weight * (row_ce + col_ce)
+        return self.position_weight * position_loss(self.position_probe(tokens), self.position_grid)
 
 
 class ProbedModel(_Probed):

@@ -189,19 +189,27 @@ def position_loss(logits: torch.Tensor, grid: int) -> torch.Tensor:
     recipe a patch's column was linearly readable 18% of the time on its 8x8 grid (chance 12.5%), though its LLM
     is asked to list objects from left to right. A pretrained CLIP's patches carry their position; this loss keeps
     ours carrying it."""
-    idx = torch.arange(grid * grid, device=logits.device).expand(len(logits), -1)
-    rows = F.cross_entropy(logits[..., :grid].float().transpose(1, 2), idx // grid)
-    cols = F.cross_entropy(logits[..., grid:].float().transpose(1, 2), idx % grid)
-    return rows + cols
+    if logits.shape[1] != grid * grid:
+        raise ValueError(f"position probe: {logits.shape[1]} image tokens, expected {grid}x{grid}")
+    rows, cols = position_targets(grid, logits.device)
+    n = len(logits)
+    return (F.cross_entropy(logits[..., :grid].float().transpose(1, 2), rows.expand(n, -1))
+            + F.cross_entropy(logits[..., grid:].float().transpose(1, 2), cols.expand(n, -1)))
+
+
+def position_targets(grid: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and the column of each of ``grid * grid`` row-major patches, two (grid * grid,) int64 tensors."""
+    idx = torch.arange(grid * grid, device=device)
+    return idx // grid, idx % grid
 
 
 @torch.no_grad()
 def _position_accuracy(head: _Head, x: torch.Tensor, batch: int = 64) -> dict[str, float]:
     g, ok, n = head.grid, np.zeros(2), 0
-    idx = torch.arange(g * g)
+    rows, cols = position_targets(g)
     for i in range(0, len(x), batch):
         pos = head.heads(x[i:i + batch].float())[1].cpu()
-        ok += [(pos[..., :g].argmax(-1) == idx // g).sum().item(), (pos[..., g:].argmax(-1) == idx % g).sum().item()]
+        ok += [(pos[..., :g].argmax(-1) == rows).sum().item(), (pos[..., g:].argmax(-1) == cols).sum().item()]
         n += pos.shape[0] * pos.shape[1]
     return {"row": round(float(ok[0] / max(n, 1)), 4), "column": round(float(ok[1] / max(n, 1)), 4)}
 
@@ -333,7 +341,7 @@ def write_result(result: VisionPretrainResult, path: Path) -> None:
 
 
 __all__ = ["pretrain_vision", "probe_tower", "vision_tower", "Tower", "attribute_losses", "object_logits",
-           "position_loss", "shapes_patch_labels", "VisionPretrainResult", "write_result"]
+           "position_loss", "position_targets", "shapes_patch_labels", "VisionPretrainResult", "write_result"]
 
 if __name__ == "__main__":
     main()
