@@ -115,6 +115,46 @@ def test_memory_stays_bounded_on_a_long_video(decoder):
     assert needed <= set(mem.non_cond)
 
 
+def test_cpu_encode_in_chunks_equals_one_call(decoder, monkeypatch):
+    """5 frames in chunks of 2 (2 + 2 + 1) give the features of one call over all 5, per field and level."""
+    x = torch.stack([decoder.preprocess(_frame(40 + t)) for t in range(5)])
+    with torch.no_grad():
+        monkeypatch.setattr(decoder, "cpu_encode_chunk", 0)
+        whole = decoder.encode(x)
+        monkeypatch.setattr(decoder, "cpu_encode_chunk", 2)
+        parts = decoder.encode(x)
+    assert parts.feat_sizes == whole.feat_sizes and parts.batch == 5
+    for a, b in zip(parts.vision_feats + parts.vision_pos + parts.backbone_fpn,
+                    whole.vision_feats + whole.vision_pos + whole.backbone_fpn):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    # frame 4 (the odd chunk) is frame 4, not a copy of another
+    assert not torch.allclose(parts.backbone_fpn[-1][4], parts.backbone_fpn[-1][3])
+
+
+def test_memory_is_encoded_only_when_a_later_frame_reads_it(decoder, monkeypatch):
+    """Key frames alone never run the memory encoder; tracking a frame encodes every entry it reads, once; the
+    last frame's own memory stays unencoded until asked for, and then equals an eager encoding."""
+    calls = []
+    real = decoder._encode_memory
+    monkeypatch.setattr(decoder, "_encode_memory", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mem = decoder.new_memory(1)
+    with torch.no_grad():
+        feats = [decoder.encode(decoder.preprocess(_frame(30 + t))[None]) for t in range(5)]
+        prompt = torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
+        outs = [decoder.add_condition(mem, t, feats[t], prompt) for t in range(3)]
+        assert calls == []
+        decoder.track(mem, 3, feats[3])
+        assert len(calls) == 3  # the three key frames, read by frame 3's memory attention
+        decoder.track(mem, 4, feats[4])
+        assert len(calls) == 4  # frame 3's memory; frame 4's is not read yet
+        last = mem.non_cond[4]["maskmem_features"]
+        assert len(calls) == 5 and mem.non_cond[4]["maskmem_features"] is last  # encoded once
+        eager, _ = real(feats[0], outs[0].low_res_masks, outs[0].object_score_logits, from_points=True)
+    assert torch.equal(mem.cond[0]["maskmem_features"], eager)
+    with pytest.raises(KeyError):
+        mem.cond[0]["no_such_key"]
+
+
 def test_pruning_the_bank_changes_no_output(decoder):
     """26 tracked frames of changing content: the bounded bank gives the same masks, scores and object pointers
     as a bank that keeps everything, so what it drops is never read."""

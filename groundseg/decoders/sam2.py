@@ -153,8 +153,9 @@ class VideoMemory:
     """SAM2's memory bank for N objects, bounded: every conditioning frame, plus the last
     ``keep`` tracked frames (what the memory attention and the object pointers can reach).
 
-    Entries are ``{"maskmem_features", "maskmem_pos_enc", "obj_ptr"}`` batched over the objects; conditioning
-    entries also keep their output (``low_res_masks``, ``ious``, ``object_score_logits``)."""
+    Entries are ``{"maskmem_features", "maskmem_pos_enc", "obj_ptr"}`` batched over the objects, the first two
+    encoded when first read; conditioning entries also keep their output (``low_res_masks``, ``ious``,
+    ``object_score_logits``)."""
 
     num_objects: int
     keep: int
@@ -168,6 +169,24 @@ class VideoMemory:
         self.non_cond[frame_idx] = entry
         for t in [t for t in self.non_cond if t <= frame_idx - self.keep]:
             del self.non_cond[t]
+
+
+class _MemoryEntry(dict):
+    """A memory bank entry whose memory (``maskmem_features``, ``maskmem_pos_enc``) is encoded when something
+    first reads it: a later frame's memory attention, or a caller. A frame no later frame reads never pays for
+    SAM2's memory encoder: the key frames of a clip that has no other frames (training on key frames alone), the
+    last frame of a clip."""
+
+    def __init__(self, encode, **items):
+        super().__init__(**items)
+        self._encode = encode
+
+    def __missing__(self, key):
+        if key not in ("maskmem_features", "maskmem_pos_enc") or self._encode is None:
+            raise KeyError(key)
+        encode, self._encode = self._encode, None
+        self["maskmem_features"], self["maskmem_pos_enc"] = encode()
+        return self[key]
 
 
 # A length larger than any video: SAM2 only uses it to cap how far back object pointers reach, and with frame
@@ -211,10 +230,23 @@ class Sam2Decoder(nn.Module):
         return sam2_preprocess(rgb, self.image_size, self.cfg.resize, mean if mean is not None else self.cfg.pixel_mean,
                                std if std is not None else self.cfg.pixel_std)
 
+    # On a CPU, the image encoder runs over at most this many frames at once: its activations at a training
+    # batch of frames (16-frame clips, several per batch) are large enough that each op's fresh buffers cost more
+    # in page faults than the op itself (bench/sam2_encode.py: 2-3x slower per frame at 128 frames than at 16).
+    cpu_encode_chunk = 16
+
     def encode(self, pixel_values: torch.Tensor) -> Sam2Features:
-        """(1, 3, S, S) -> the frame's features (trunk, FPN neck, ``conv_s0``/``conv_s1``)."""
+        """(B, 3, S, S) -> the frames' features (trunk, FPN neck, ``conv_s0``/``conv_s1``); on a CPU in chunks of
+        :attr:`cpu_encode_chunk` frames."""
         m = self.sam2_model
-        backbone_out = m.forward_image(pixel_values.to(device=self.device, dtype=self.dtype))
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        chunk = self.cpu_encode_chunk if pixel_values.device.type == "cpu" else 0
+        if chunk and pixel_values.shape[0] > chunk:
+            parts = [m.forward_image(x) for x in pixel_values.split(chunk)]
+            backbone_out = {k: torch.cat([p[k] for p in parts]) if torch.is_tensor(parts[0][k])
+                            else [torch.cat(level) for level in zip(*(p[k] for p in parts))] for k in parts[0]}
+        else:
+            backbone_out = m.forward_image(pixel_values)
         _, feats, pos, sizes = m._prepare_backbone_features(backbone_out)
         # the FPN neck upsamples in float32 (SAM2 expects autocast around it): one dtype for what follows
         feats, pos = [x.to(self.dtype) for x in feats], [x.to(self.dtype) for x in pos]
@@ -360,10 +392,10 @@ class Sam2Decoder(nn.Module):
             raise ValueError(f"{language.shape[0]} language prompts for a memory of {n} objects")
         f = features.for_objects(n)
         out = self.heads(self._unconditioned(f), f.high_res, language=language, multimask=True)
-        feats, pos = self._encode_memory(f, out.low_res_masks, out.object_score_logits, from_points=True)
-        memory.cond[frame_idx] = {"maskmem_features": feats, "maskmem_pos_enc": pos, "obj_ptr": out.obj_ptr,
-                                  "low_res_masks": out.low_res_masks, "ious": out.ious,
-                                  "object_score_logits": out.object_score_logits}
+        memory.cond[frame_idx] = _MemoryEntry(
+            lambda: self._encode_memory(f, out.low_res_masks, out.object_score_logits, from_points=True),
+            obj_ptr=out.obj_ptr, low_res_masks=out.low_res_masks, ious=out.ious,
+            object_score_logits=out.object_score_logits)
         return FrameOutput(frame_idx, out.low_res_masks, out.ious, out.object_score_logits, True, out.multimasks)
 
     def track(self, memory: VideoMemory, frame_idx: int, features: Sam2Features,
@@ -385,8 +417,9 @@ class Sam2Decoder(nn.Module):
         if capture is not None:
             capture["pix_feat_with_mem"] = pix
         out = self.heads(pix, f.high_res, multimask=m.multimask_output_in_sam and m.multimask_output_for_tracking)
-        feats, pos = self._encode_memory(f, out.low_res_masks, out.object_score_logits, from_points=False)
-        memory.add_tracked(frame_idx, {"maskmem_features": feats, "maskmem_pos_enc": pos, "obj_ptr": out.obj_ptr})
+        memory.add_tracked(frame_idx, _MemoryEntry(
+            lambda: self._encode_memory(f, out.low_res_masks, out.object_score_logits, from_points=False),
+            obj_ptr=out.obj_ptr))
         return FrameOutput(frame_idx, out.low_res_masks, out.ious, out.object_score_logits, False, out.multimasks)
 
     def propagate(self, memory: VideoMemory, frames: Iterable[tuple[int, torch.Tensor]]) -> Iterator[FrameOutput]:
