@@ -101,6 +101,41 @@ def test_a_run_pretrains_first_and_records_it(tmp_path, monkeypatch):
                                              "dataset": "refer_seg", "data_root": str(tmp_path)}))
 
 
+def test_a_frozen_tower_is_pretrained_by_the_stage_then_kept_by_the_main_loop(tmp_path, monkeypatch):
+    # sa2va-shapes' recipe: --frozen on SAM2's image encoder still lets the vision stage train it (the stage asks
+    # for its gradients itself), and the main loop then leaves it exactly as the stage left it while the decoder
+    # trains.
+    from groundseg.hub import load_model
+    from groundseg.train.data import build_source
+
+    enc = "grounding_encoder.sam2_model.image_encoder."
+    seen = {}
+    real_stage, real_source = trainer._vision_stage, build_source
+
+    def stage(cfg, model, accelerator, out):
+        seen["before"] = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(enc)}
+        real_stage(cfg, model, accelerator, out)
+        seen["after"] = {k: v.clone() for k, v in model.state_dict().items()}
+        seen["flags"] = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    monkeypatch.setattr(trainer, "_vision_stage", stage)
+    monkeypatch.setattr(trainer, "build_source", lambda *a, **kw: real_source(*a, **{**kw, "image_size": 64}))
+    cfg = trainer.TrainConfig(out=str(tmp_path / "run"), model="sa2va-tiny", from_scratch=True, dataset="shapes",
+                              shapes_tasks={"refer": 1}, shapes_image_size=64, steps=2, batch_size=2, lr=1e-2,
+                              warmup_steps=1, save_every=2, log_every=1, progress=False, lora=False,
+                              train_all=True, frozen=[enc.rstrip(".")], attribute_weight=0.0,
+                              vision_pretrain_steps=3, vision_pretrain_batch=2, vision_pretrain_images=6)
+    out = trainer.train(cfg)
+    assert any(not torch.equal(seen["after"][k], v) for k, v in seen["before"].items())  # the stage trained it
+    assert not any(f for n, f in seen["flags"].items() if n.startswith(enc))  # and handed it back frozen
+    final = load_model(out / "final").state_dict()
+    for k, v in seen["after"].items():
+        if k.startswith(enc):
+            assert torch.equal(final[k], v), k
+    decoder = [k for k in seen["after"] if ".sam_mask_decoder." in k and k in final]
+    assert decoder and any(not torch.equal(final[k], seen["after"][k]) for k in decoder)
+
+
 def test_sa2va_stage_trains_sam2s_image_encoder_on_whole_frame_labels():
     # For Sa2VA the stage trains SAM2's image encoder: labels on SAM2's low-resolution mask grid of the whole image
     # (SAM2 resizes the frame, it does not crop), features upsampled 4x to that grid.
