@@ -243,8 +243,10 @@ def test_grounded_caption(samples):
         assert [p.seg_index for p in phrases] == list(range(len(phrases)))
         assert sample.caption.endswith("</p> [SEG]")  # no final punctuation: callers add their own
         by_id = {o.id: o for o in sample.objects}
-        xs = [by_id[t].center[0] for t in sample.caption_targets]
-        assert xs == sorted(xs)
+        # Listed by colour, then shape, then size (COLORS/SHAPES/SIZES order), then left to right.
+        keys = [(list(COLORS).index(by_id[t].color), SHAPES.index(by_id[t].shape), list(SIZES).index(by_id[t].size),
+                 by_id[t].center[0]) for t in sample.caption_targets]
+        assert keys == sorted(keys)
         for phrase, target in zip(phrases, sample.caption_targets):
             article, noun = phrase.phrase.split(" ", 1)
             assert article == ("an" if noun[0] in "aeiou" else "a")

@@ -321,14 +321,18 @@ def test_refer_answers_name_the_target_whatever_the_question():
     assert {"attribute", "relational", "ordinal"} <= seen_kinds
 
 
-def test_objects_task_names_every_object_left_to_right():
+def test_objects_task_names_every_object_in_the_caption_order():
     from groundseg.datasets.shapes import COLORS, SHAPES, SIZES
 
     src = ShapesSource(seed=0, image_size=128, tasks={"objects": 1})
-    item = next(it for it in (src.world.image(i) for i in range(20)) if len(it.objects) >= 3)
+    item = next(it for it in (src.world.image(i) for i in range(20))
+                if len(it.objects) >= 3 and len({o.color for o in it.objects}) >= 2)
     names = src._names_for(item)
     s = src._objects(item, np.random.default_rng(0))
-    objs = sorted((o for o in item.objects if o.id in names), key=lambda o: o.center[0])
+    # Colour (COLORS order), shape, size, then left to right: the grounded caption's order.
+    objs = sorted((o for o in item.objects if o.id in names),
+                  key=lambda o: (list(COLORS).index(o.color), SHAPES.index(o.shape), list(SIZES).index(o.size),
+                                 o.center[0]))
     assert s.conversations[0][1].count("[SEG]") == len(objs) == len(s.masks)
     pos = [s.conversations[0][1].index(f"{names[o.id]} [SEG]") for o in objs]
     assert pos == sorted(pos)

@@ -60,6 +60,7 @@ __all__ = [
     "write_shapes",
     "ann_id_for",
     "image_id_for",
+    "listing_key",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "diamond")
@@ -234,8 +235,9 @@ class ShapesImage:
         image: ``(H, W, 3)`` uint8 RGB.
         objects: in depth order (``objects[k].id == k + 1``).
         expressions: referring expressions (see :class:`Expression`).
-        caption: grounded caption, one ``<p>phrase</p> [SEG]`` per object, objects left to right, without final
-            punctuation: ``From left to right: <p>a red circle</p> [SEG], ... and <p>a small blue star</p> [SEG]``
+        caption: grounded caption, one ``<p>phrase</p> [SEG]`` per object in :func:`listing_key` order (colour,
+            shape, size, then left to right), without final punctuation:
+            ``There are <p>a red circle</p> [SEG], ... and <p>a small blue star</p> [SEG]``
             (``There is <p>...</p> [SEG]`` for a single object).
         caption_targets: object id of each ``[SEG]`` of ``caption``, in order.
         region_questions, box_answers: see :class:`RegionQuestion`, :class:`BoxAnswer`.
@@ -596,9 +598,20 @@ def _pick(items: list, rng: np.random.Generator, k: int) -> list:
     return out
 
 
+def listing_key(obj: ShapeObject) -> tuple:
+    """The order in which grounded captions list objects: by colour (:data:`COLORS` order), then shape
+    (:data:`SHAPES` order), then size (small first), then left to right.
+
+    Each phrase's own name then says where the next one is in the list ("after a red star comes the first colour and
+    shape after red star that the image has"), which a language model can learn by attending from the last name to
+    the image tokens in one step. "Left to right" needs two (find the last-named object, then look right of it);
+    the tiny models did not learn it (README, "GCG and region captions"). GCG's metrics do not depend on the order."""
+    return (list(COLORS).index(obj.color), SHAPES.index(obj.shape), list(SIZES).index(obj.size), obj.center[0])
+
+
 def _caption(scene: _Scene) -> tuple[str, list[int]]:
-    """Grounded caption listing every object left to right, and the object id of each ``[SEG]``."""
-    order = sorted(range(scene.n), key=lambda j: scene.objs[j].center[0])
+    """Grounded caption listing every object in :func:`listing_key` order, and the object id of each ``[SEG]``."""
+    order = sorted(range(scene.n), key=lambda j: listing_key(scene.objs[j]))
     phrases = []
     for j in order:
         o = scene.objs[j]
@@ -609,7 +622,7 @@ def _caption(scene: _Scene) -> tuple[str, list[int]]:
     if len(phrases) == 1:
         text = f"There is {phrases[0]}"
     else:
-        text = "From left to right: " + ", ".join(phrases[:-1]) + f" and {phrases[-1]}"
+        text = "There are " + ", ".join(phrases[:-1]) + f" and {phrases[-1]}"
     return text, [scene.objs[j].id for j in order]
 
 
@@ -1083,7 +1096,8 @@ def write_shapes(
     save_json(grounded_path, {
         "info": {
             "description": "Grounded text per image of the shapes world.",
-            "caption": "GLaMM GCG caption: each object is '<p>phrase</p> [SEG]', objects left to right",
+            "caption": "GLaMM GCG caption: each object is '<p>phrase</p> [SEG]', objects by colour, "
+                       "shape, size, then left to right",
             "caption_ann_ids": "annotation id (instances.json) of each [SEG] of caption, in order",
             "region_questions": "box_xyxy: visible box of ann_id in pixels [x1, y1, x2, y2), exclusive x2/y2; "
                                 "the <bbox> token in question stands for it",

@@ -7,6 +7,7 @@ string encodes (no ``<unk>``). ``<unk>`` doubles as padding, as in LISA.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Sequence
 
@@ -96,7 +97,11 @@ def shapes_corpus(num_images: int = 400, seed: int = 9999) -> list[str]:
         for e in item.expressions:
             lines += [q.format(e.text) for q in (QUESTIONS if e.kind != "multi" else MULTI_QUESTIONS)]
             lines += [" " + a.replace("{}", e.text) for a in GROUNDED_ANSWERS[1:]]
-        lines += [" " + item.caption + ".", *[" " + a for a in ANSWERS]]  # answer words as often as questions
+        # The shipped shapes-demo tokenizer was trained when captions began "From left to right:" (they now begin
+        # "There are"); BPE sees only word counts, which the order of the listed objects does not change, so the
+        # corpus keeps the old opening and rebuilds that tokenizer exactly.
+        caption = re.sub(r"^There are ", "From left to right: ", item.caption)
+        lines += [" " + caption + ".", *[" " + a for a in ANSWERS]]  # answer words as often as questions
         for b in item.box_answers:
             lines += [b.question + BOX_SUFFIX, " " + b.answer]
         lines += [r.question + " " + r.answer for r in item.region_questions]

@@ -254,9 +254,12 @@ class ShapesSource:
         return self._sample(item, [(_choose(rng, MULTI_QUESTIONS).format(e.text), answer)], list(e.targets), "multi")
 
     def _objects(self, item, rng) -> TrainSample | None:
-        # Every object that has a unique name, left to right: the most masks per LLM pass of any task.
+        # Every object that has a unique name, in the grounded caption's order: the most masks per LLM pass of any
+        # task.
+        from ..datasets.shapes import listing_key
+
         names = self._names_for(item)
-        objs = sorted((o for o in item.objects if o.id in names), key=lambda o: o.center[0])
+        objs = sorted((o for o in item.objects if o.id in names), key=listing_key)
         if not objs:
             return None
         answer = f"Sure, {_join([f'{names[o.id]} {SEG}' for o in objs])}."

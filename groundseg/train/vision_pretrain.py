@@ -187,7 +187,7 @@ def position_loss(logits: torch.Tensor, grid: int) -> torch.Tensor:
 
     A tower trained from random weights on what-is-where labels alone keeps little of *where*: after glamm-shapes'
     recipe a patch's column was linearly readable 18% of the time on its 8x8 grid (chance 12.5%), though its LLM
-    is asked to list objects from left to right. A pretrained CLIP's patches carry their position; this loss keeps
+    was then asked to list objects from left to right. A pretrained CLIP's patches carry their position; this loss keeps
     ours carrying it."""
     if logits.shape[1] != grid * grid:
         raise ValueError(f"position probe: {logits.shape[1]} image tokens, expected {grid}x{grid}")
