@@ -285,3 +285,21 @@ def test_regcap_attribute_accuracy_by_hand():
     assert acc["colour"] == pytest.approx(2 / 3) and acc["shape"] == pytest.approx(2 / 3)
     assert acc["size"] == pytest.approx(2 / 2) and acc["colour_and_shape"] == pytest.approx(1 / 3)
     assert attribute_accuracy({1: ["a dog"]}, {1: "a dog"}) is None
+    assert "colour_and_shape_of_any_region" not in acc
+
+
+def test_regcap_captions_that_describe_another_region_of_the_image_are_counted():
+    from groundseg.eval.gcg import attribute_accuracy
+
+    # Image a holds a red circle and a blue star; image b a green square and a blue star.
+    gts = {1: ["a large red circle"], 2: ["a small blue star"], 3: ["a green square"], 4: ["a blue star"],
+           5: ["a dog"]}
+    image_of = {1: "a.png", 2: "a.png", 3: "b.png", 4: "b.png", 5: "b.png"}
+    preds = {1: "a blue star",       # wrong for its box, but the other region of its image
+             2: "a small blue star",  # right
+             3: "a red circle",       # in image a, not in b: counts nowhere
+             4: "a green square",     # the other region of image b
+             5: "a red circle"}       # its reference names no colour or shape: not counted
+    acc = attribute_accuracy(gts, preds, image_of)
+    assert acc["colour_and_shape"] == pytest.approx(1 / 4)
+    assert acc["colour_and_shape_of_any_region"] == pytest.approx(3 / 4)

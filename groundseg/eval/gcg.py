@@ -445,11 +445,16 @@ def exact_match(gts: dict[Any, list[str]], preds: dict[Any, str]) -> float:
     return sum(any(norm(preds[k]) == norm(c) for c in caps) for k, caps in gts.items()) / len(gts)
 
 
-def attribute_accuracy(gts: dict[Any, list[str]], preds: dict[Any, str]) -> dict[str, float] | None:
+def attribute_accuracy(gts: dict[Any, list[str]], preds: dict[Any, str],
+                       image_of: dict[Any, Any] | None = None) -> dict[str, float] | None:
     """Shares of regions whose caption names the colour, the shape and the size its reference names, and both
     colour and shape, in the shapes world's words (``datasets.shapes``: COLORS, SHAPES, SIZES; plurals count).
     A region counts for an attribute when its first reference names exactly one word of it; a caption is right
-    when it names that word and no other of the same attribute. None when no reference uses those words."""
+    when it names that word and no other of the same attribute. None when no reference uses those words.
+
+    With ``image_of`` (region key -> its image), ``colour_and_shape_of_any_region`` is the share of the regions
+    counted for ``colour_and_shape`` whose caption names the colour and shape of *some* region of the same image:
+    far above ``colour_and_shape``, it says the model describes the image rather than the box."""
     from ..datasets.shapes import COLORS, SHAPES, SIZES
 
     groups = {"colour": set(COLORS), "shape": set(SHAPES), "size": set(SIZES)}
@@ -476,7 +481,19 @@ def attribute_accuracy(gts: dict[Any, list[str]], preds: dict[Any, str]) -> dict
             right["colour_and_shape"].append(ok["colour"] and ok["shape"])
     if not any(right.values()):
         return None
-    return {g: (sum(v) / len(v) if v else None) for g, v in right.items()}
+    out = {g: (sum(v) / len(v) if v else None) for g, v in right.items()}
+    if image_of is not None:
+        def pair(text: str) -> tuple | None:
+            c, s = named(text, groups["colour"]), named(text, groups["shape"])
+            return (*c, *s) if len(c) == 1 and len(s) == 1 else None
+
+        in_image: dict[Any, set] = {}
+        for k, caps in gts.items():
+            if caps and pair(caps[0]):
+                in_image.setdefault(image_of[k], set()).add(pair(caps[0]))
+        hits = [pair(preds.get(k, "")) in in_image[image_of[k]] for k, caps in gts.items() if caps and pair(caps[0])]
+        out["colour_and_shape_of_any_region"] = sum(hits) / len(hits) if hits else None
+    return out
 
 
 def evaluate_regcap(model, data_root: str, split: str = "val", dataset: str | None = None,
@@ -506,7 +523,8 @@ def evaluate_regcap(model, data_root: str, split: str = "val", dataset: str | No
               "exact_match": exact_match({s.key: s.captions for s in samples},
                                          {s.key: preds[s.key]["caption"] for s in samples}),
               "attribute_accuracy": attribute_accuracy({s.key: s.captions for s in samples},
-                                                       {s.key: preds[s.key]["caption"] for s in samples}),
+                                                       {s.key: preds[s.key]["caption"] for s in samples},
+                                                       {s.key: s.file_name for s in samples}),
               **_caption_report({s.key: s.captions for s in samples}, {s.key: preds[s.key]["caption"]
                                                                       for s in samples}),
               "seconds": clock()}
