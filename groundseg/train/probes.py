@@ -88,9 +88,10 @@ class _Probed(nn.Module):
 
         A vision tower trained from random weights on what-is-where labels keeps little of *where*: in a trained
         glamm-shapes the column of a token was linearly readable 18% of the time on an 8x8 grid (chance 12.5%),
-        and a caption "from left to right" (the order the shapes world used then) has nothing to go by. (A pretrained CLIP's tokens carry their
-        position; LLaVA relies on it.) With this probe they read back at 99.7%; that alone did not teach the small
-        LLM to list objects in order (README, "GCG and region captions")."""
+        and a caption "from left to right" (the order the shapes world used then) has nothing to go by. (A
+        pretrained CLIP's tokens carry their position; LLaVA relies on it.) With this probe they read back at
+        99.7%; that alone did not teach the small LLM to list objects in order (README, "GCG and region
+        captions")."""
         from .vision_pretrain import position_loss  # the vision pretraining stage's head computes the same loss
 
         tokens = F.layer_norm(tokens.to(self.position_probe.weight.dtype), tokens.shape[-1:])
