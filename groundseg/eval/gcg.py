@@ -487,11 +487,12 @@ def attribute_accuracy(gts: dict[Any, list[str]], preds: dict[Any, str],
             c, s = named(text, groups["colour"]), named(text, groups["shape"])
             return (*c, *s) if len(c) == 1 and len(s) == 1 else None
 
+        refs = {k: pair(caps[0]) for k, caps in gts.items() if caps}
+        refs = {k: p for k, p in refs.items() if p}
         in_image: dict[Any, set] = {}
-        for k, caps in gts.items():
-            if caps and pair(caps[0]):
-                in_image.setdefault(image_of[k], set()).add(pair(caps[0]))
-        hits = [pair(preds.get(k, "")) in in_image[image_of[k]] for k, caps in gts.items() if caps and pair(caps[0])]
+        for k, p in refs.items():
+            in_image.setdefault(image_of[k], set()).add(p)
+        hits = [pair(preds.get(k, "")) in in_image[image_of[k]] for k in refs]
         out["colour_and_shape_of_any_region"] = sum(hits) / len(hits) if hits else None
     return out
 
