@@ -158,3 +158,83 @@ def test_region_probe_reads_each_boxs_region_vector():
     assert float(out["attr_loss"] - base["attr_loss"]) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="region encoder"):
         ProbedModel(load_model("lisa-tiny"), 1.0, region_weight=1.0)
+
+
+def test_name_token_tables_index_the_one_token_names():
+    from groundseg.datasets.shapes import COLORS, SIZES
+    from groundseg.hub import ASSETS, load_tokenizer
+    from groundseg.train.probes import name_token_tables
+
+    tok = load_tokenizer(ASSETS / "shapes-demo")
+    short, full = name_token_tables(tok)
+    assert short.shape == (len(COLORS) + 1, len(SHAPES) + 1) and full.shape == (len(SIZES) + 1, *short.shape)
+    assert (short[0] == -1).all() and (short[:, 0] == -1).all() and (full[0] == -1).all()
+    assert tok.decode([int(short[1, 1])]) == " red circle"  # 1-based classes: COLORS[0], SHAPES[0]
+    assert tok.decode([int(short[6, 4])]) == " orange star"
+    assert tok.decode([int(full[2, 3, 5])]) == " large blue hexagon"
+    assert len(set(short[1:, 1:].flatten().tolist()) | set(full[1:, 1:, 1:].flatten().tolist())) == 36 + 72
+    with pytest.raises(ValueError, match="one-token object names.*' red circle' as [2-9] tokens"):
+        name_token_tables(load_tokenizer(ASSETS / "lisa-tiny"))
+
+
+def test_name_losses_against_hand_computed_values():
+    from groundseg.train.probes import name_alignment_loss, name_direction_loss
+
+    emb = torch.tensor([[3.0, 0.0], [0.0, 4.0], [1.0, 1.0]])
+    vec = torch.tensor([[3.0, 1.0], [0.0, 0.0], [5.0, 5.0]])
+    ids = torch.tensor([0, 1, -1])
+    # (|(0, 1)|^2 + |(0, -4)|^2) / 2 over (9 + 16) / 2
+    assert float(name_alignment_loss(vec, ids, emb)) == pytest.approx(17 / 25)
+    assert float(name_alignment_loss(vec, torch.tensor([-1, -1, -1]), emb)) == 0.0
+    # 1 - cos: (3, 1) vs (3, 0) -> 1 - 3 / sqrt(10); the zero vector's cos is 0 -> 1; (5, 5) vs (1, 1) -> 0
+    d = name_direction_loss(vec, torch.tensor([0, 1, 2]), emb)
+    assert float(d) == pytest.approx(((1 - 3 / 10 ** 0.5) + 0 + 1) / 3, rel=1e-6)
+    assert float(name_direction_loss(vec[None], torch.tensor([[-1, -1, 2]]), emb)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_probed_glamm_adds_name_losses_for_the_boxes_and_object_tokens():
+    # Independent of the class tables: the target of each region vector is the token of its answer's name
+    # ("a large red circle" -> " large red circle"); an image token's is its patch's colour-and-shape name.
+    from groundseg.config import preset_config
+    from groundseg.datasets.shapes import COLORS
+    from groundseg.hub import ASSETS, build_model, load_tokenizer
+    from groundseg.train.probes import ProbedModel
+
+    tok = load_tokenizer(ASSETS / "shapes-demo")
+    torch.manual_seed(0)
+    model = build_model(preset_config("glamm-shapes"), tok).eval()
+    src = ShapesSource(seed=3, image_size=96, tasks={"regcap": 1}, max_expressions=2)
+    samples = [src.sample(np.random.default_rng(k)) for k in range(2)]
+    batch = Collator(model.config, tok)(samples)
+    probed = ProbedModel(model, 1.0, name_weight=0.5, token_name_weight=0.25)
+    with torch.no_grad():
+        out = probed(batch)
+    emb = model.vlm.language_model.get_input_embeddings().weight.detach()
+    names = [a.split(" ", 1)[1] for s in samples for _, a in s.conversations]
+    target = emb[[tok(" " + n, add_special_tokens=False).input_ids[0] for n in names]]
+    vec = out["region_vectors"]
+    assert vec.shape == target.shape
+    expected = (vec - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
+    assert float(out["name_loss"]) == pytest.approx(0.5 * float(expected), rel=1e-5)
+    cos, n = [], 0
+    tokens, maps = out["image_tokens"], batch.token_attribute_maps.flatten(2)
+    for b in range(tokens.shape[0]):
+        for t in range(tokens.shape[1]):
+            c, k = int(maps[b, 0, t]), int(maps[b, 1, t])
+            if c and k:
+                e = emb[tok(f" {list(COLORS)[c - 1]} {SHAPES[k - 1]}", add_special_tokens=False).input_ids[0]]
+                cos.append(float(torch.nn.functional.cosine_similarity(tokens[b, t], e, dim=0)))
+    assert cos and float(out["token_name_loss"]) == pytest.approx(0.25 * (1 - np.mean(cos)), rel=1e-4)
+    assert float(out["attr_loss"]) > float(out["name_loss"] + out["token_name_loss"])  # the probes' CE as well
+
+
+def test_name_weights_need_a_probed_glamm(tmp_path):
+    from groundseg.train import trainer
+
+    for kw, flag in ((dict(name_weight=1.0), "--name-weight 1.0"),
+                     (dict(token_name_weight=0.5), "--token-name-weight")):
+        cfg = trainer.TrainConfig(out=str(tmp_path / "run"), model="lisa-tiny", dataset="shapes", steps=1,
+                                  attribute_weight=1.0, progress=False, **kw)
+        with pytest.raises(trainer.InputError, match=f"{flag}.*only for GLaMM models with --attribute-weight > 0"):
+            trainer.train(cfg)
+    assert not (tmp_path / "run").exists()

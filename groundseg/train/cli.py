@@ -93,10 +93,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the attribute probes on GLaMM's region vectors (with --attribute-weight)")
     p.add_argument("--token-position-weight", type=float, default=S,
                    help="a probe that reads each image token's row and column back (with --attribute-weight)")
+    p.add_argument("--name-weight", type=float, default=S,
+                   help="GLaMM: pull each region vector to the LLM's embedding of its object's (one-token) name")
+    p.add_argument("--token-name-weight", type=float, default=S,
+                   help="GLaMM: turn image tokens on objects towards the embedding of their object's name")
     p.add_argument("--vision-pretrain-steps", type=int, default=S,
                    help="first train the vision tower alone on the shapes world's colour/shape/size labels (0 = off)")
     p.add_argument("--vision-pretrain-batch", type=int, default=S, help="images per step of that stage")
     p.add_argument("--vision-pretrain-lr", type=float, default=S)
+    p.add_argument("--vision-pretrain-region-weight", type=float, default=S,
+                   help="GLaMM: the stage also trains the region encoder (box vectors pulled to name embeddings)")
     p.add_argument("--vision-pretrain-images", type=int, default=S, help="distinct images that stage cycles through")
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--save-every", type=int, default=S)

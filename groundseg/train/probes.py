@@ -98,6 +98,48 @@ class _Probed(nn.Module):
         return self.position_weight * position_loss(self.position_probe(tokens), self.position_grid)
 
 
+def name_token_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the shapes world's object names, indexed by the probes' 1-based classes (0 = background):
+    ``short[colour, shape]`` is " red circle", ``full[size, colour, shape]`` " large red circle"; -1 where a
+    class is background. Each name must be one token of ``tokenizer`` (shapes-demo's spells every name so)."""
+    from ..datasets.shapes import COLORS, SHAPES, SIZES
+
+    def one(text: str) -> int:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"--name-weight needs one-token object names, but this tokenizer spells {text!r} "
+                             f"as {len(ids)} tokens (shapes-demo's tokenizer has one per name)")
+        return ids[0]
+
+    short = torch.full((len(COLORS) + 1, len(SHAPES) + 1), -1, dtype=torch.long)
+    full = torch.full((len(SIZES) + 1, len(COLORS) + 1, len(SHAPES) + 1), -1, dtype=torch.long)
+    for c, colour in enumerate(COLORS, 1):
+        for k, shape in enumerate(SHAPES, 1):
+            short[c, k] = one(f" {colour} {shape}")
+            for z, size in enumerate(SIZES, 1):
+                full[z, c, k] = one(f" {size} {colour} {shape}")
+    return short, full
+
+
+def name_alignment_loss(vectors: torch.Tensor, ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between ``vectors`` (..., H) and the rows ``ids`` (...) of ``embeddings`` (V, H),
+    over the entries whose id is >= 0, divided by the mean squared norm of those target rows (so 1 means "as
+    far as zero is"); 0 when no id is set."""
+    keep = ids >= 0
+    if not bool(keep.any()):
+        return vectors.new_zeros((), dtype=torch.float32)
+    target = embeddings[ids[keep]].float()
+    return (vectors[keep].float() - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
+def name_direction_loss(vectors: torch.Tensor, ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """Mean of ``1 - cos(vector, embeddings[id])`` over the entries of ``ids`` (...) that are >= 0; 0 when none."""
+    keep = ids >= 0
+    if not bool(keep.any()):
+        return vectors.new_zeros((), dtype=torch.float32)
+    return (1 - F.cosine_similarity(vectors[keep].float(), embeddings[ids[keep]].float(), dim=-1)).mean()
+
+
 class ProbedModel(_Probed):
     """A LISA-family model plus :class:`AttributeProbes`; ``forward`` adds ``attr_loss`` (weighted) to the loss
     when the batch carries attribute labels. ``.model`` is what gets exported.
@@ -109,10 +151,19 @@ class ProbedModel(_Probed):
 
     ``region_weight`` > 0 (GLaMM models) adds the same classifiers on each region vector, the vector that replaces a
     ``<bbox>``: the colour, shape and size of the box's object (``LisaBatch.region_attributes``), so the region
-    encoder must carry what a region caption names, whatever the LLM has learnt to say so far."""
+    encoder must carry what a region caption names, whatever the LLM has learnt to say so far.
+
+    ``name_weight`` > 0 (a tokenizer that spells every object name as one token, as shapes-demo's does) pulls each
+    region vector to the LLM's own input embedding of its object's full name (:func:`name_alignment_loss`): the
+    region of a large red circle should read, to the LLM, like the word " large red circle", a region caption's
+    answer. No new head: the target is the (detached) word embedding, so what the LLM has learnt about copying a
+    name from the question into the answer applies to regions as they are. ``token_name_weight`` > 0 does the same
+    for each image token on an object (its colour-and-shape name, " red circle"), by direction only
+    (:func:`name_direction_loss`): image tokens are far larger than word embeddings, and pulling their length
+    down as well erased what the vision tower had learnt about shape."""
 
     def __init__(self, model: nn.Module, weight: float, token_weight: float = 0.0, region_weight: float = 0.0,
-                 position_weight: float = 0.0):
+                 position_weight: float = 0.0, name_weight: float = 0.0, token_name_weight: float = 0.0):
         super().__init__()
         from ..datasets.shapes import COLORS, SHAPES, SIZES
 
@@ -132,6 +183,11 @@ class ProbedModel(_Probed):
         vision = model.config.vision.clip
         self._make_position_probe(model.vlm.language_model.config.hidden_size,
                                   vision["image_size"] // vision["patch_size"], position_weight)
+        self.name_weight, self.token_name_weight = float(name_weight), float(token_name_weight)
+        if self.name_weight or self.token_name_weight:
+            short, full = name_token_tables(model.tokenizer)
+            self.register_buffer("short_names", short, persistent=False)
+            self.register_buffer("full_names", full, persistent=False)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         out = self.model(batch)
@@ -148,6 +204,18 @@ class ProbedModel(_Probed):
             # (B, g * g, H) row-major patches, (B, 3, g * g) labels
             out["attr_loss"] = out["attr_loss"] + self.token_weight * self._token_loss(
                 out["image_tokens"], batch.token_attribute_maps.flatten(2))
+        if self.name_weight and batch.region_attributes is not None and out.get("region_vectors") is not None:
+            emb = self.model.vlm.language_model.get_input_embeddings().weight.detach()
+            a = batch.region_attributes.to(emb.device)
+            out["name_loss"] = self.name_weight * name_alignment_loss(
+                out["region_vectors"], self.full_names[a[:, 2], a[:, 0], a[:, 1]], emb)
+            out["attr_loss"] = out["attr_loss"] + out["name_loss"]
+        if self.token_name_weight and batch.token_attribute_maps is not None:
+            emb = self.model.vlm.language_model.get_input_embeddings().weight.detach()
+            labels = batch.token_attribute_maps.flatten(2).to(emb.device)  # (B, 3, t)
+            ids = self.short_names[labels[:, 0], labels[:, 1]]  # (B, t); -1 off objects
+            out["token_name_loss"] = self.token_name_weight * name_direction_loss(out["image_tokens"], ids, emb)
+            out["attr_loss"] = out["attr_loss"] + out["token_name_loss"]
         if self.region_weight and batch.region_attributes is not None and out.get("region_vectors") is not None:
             vectors = out["region_vectors"].to(self.region_probe.weight.dtype)
             logits = self.region_probe(F.layer_norm(vectors, vectors.shape[-1:]))
