@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from groundseg.train import trainer
-from groundseg.train.vision_pretrain import (CLASSES, attribute_losses, object_logits, pretrain_vision,
-                                             shapes_patch_labels)
+from groundseg.train.vision_pretrain import (CLASSES, attribute_losses, make_images, object_logits, pretrain_vision,
+                                             shapes_patch_labels, vision_tower)
 
 
 def test_patch_labels_are_the_objects_under_the_patch_centres():
@@ -196,3 +196,49 @@ def test_stage_with_a_position_weight_teaches_and_reports_patch_positions():
     assert set(result.position_accuracy) == {"row", "column"}
     assert min(result.position_accuracy.values()) > 2.0 / g, (result.position_accuracy, g)
     assert result.to_dict()["position_accuracy"] == result.position_accuracy
+
+
+def test_stage_with_a_region_weight_pulls_region_vectors_to_their_names():
+    # A GLaMM model's region encoder joins the stage: its vectors for each object's box move towards the LLM's
+    # embedding of the object's full name; the LLM (whose embeddings are the targets) does not change.
+    from groundseg.config import preset_config
+    from groundseg.datasets.shapes import ShapesWorld
+    from groundseg.hub import ASSETS, build_model, load_tokenizer
+    from groundseg.train.probes import name_alignment_loss
+    from groundseg.train.vision_pretrain import _Regions
+
+    tok = load_tokenizer(ASSETS / "shapes-demo")
+    torch.manual_seed(0)
+    model = build_model(preset_config("glamm-shapes"), tok)
+    regions = _Regions(model, seed=3, count=4, image_size=96)
+    item = ShapesWorld(seed=3, image_size=96).image(2)  # the cached boxes and names are the objects' own
+    assert [tok.decode([int(t)]) for t in regions.names[2]] == [f" {o.size} {o.color} {o.shape}" for o in item.objects]
+    assert torch.allclose(regions.boxes[2] * 96, torch.tensor([o.box for o in item.objects], dtype=torch.float32))
+
+    def distance() -> float:
+        x, _ = make_images(vision_tower(model), 3, 24, 96)
+        with torch.no_grad():
+            _, levels = regions.tower_pass(x.float(), model.config.vision.select_layer)
+            vec, ids = regions.vectors(levels, list(range(24)))
+            return float(name_alignment_loss(vec, ids, regions.embeddings()))
+
+    regions = _Regions(model, seed=3, count=24, image_size=96)
+    llm = {k: v.clone() for k, v in model.vlm.language_model.state_dict().items()}
+    before = distance()
+    result = pretrain_vision(model, 30, batch_size=8, lr=3e-3, images=20, seed=3, image_size=96, held_out=4,
+                             log=None, region_weight=1.0)
+    assert distance() < 0.5 * before
+    assert all(torch.equal(v, model.vlm.language_model.state_dict()[k]) for k, v in llm.items())
+    assert 0.0 <= result.region_name_accuracy <= 1.0 and "region_name_accuracy" in result.to_dict()
+    assert not hasattr(model.vlm.vision_tower, "regions") and hasattr(model, "region_encoder")
+    with pytest.raises(ValueError, match="region encoder"):
+        pretrain_vision(build_model(preset_config("shapes-demo"), tok), 1, images=2, held_out=0, log=None,
+                        region_weight=1.0)
+
+
+def test_a_run_refuses_region_pretraining_without_a_region_encoder(tmp_path):
+    cfg = trainer.TrainConfig(out=str(tmp_path / "run"), model="lisa-tiny", dataset="shapes", steps=1,
+                              progress=False, vision_pretrain_steps=2, vision_pretrain_region_weight=1.0)
+    with pytest.raises(trainer.InputError, match="--vision-pretrain-region-weight 1.0: lisa-tiny has no region"):
+        trainer.train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -43,6 +43,11 @@ CLASSES = (7, 7, 3)  # colour, shape, size; 0 = background (datasets.shapes: 6 c
 # Weight of the per-object loss against the per-patch one. At 3 the tower's held-out object-level shape accuracy
 # rose faster than at 1 (0.71 vs 0.59 after 1250 steps of 32 images at 112 px, lr 2e-3 vs 1e-3).
 OBJECT_WEIGHT = 3.0
+# With region_weight, the region encoder sees the boxes of this many of the images of every REGION_EVERY-th step.
+# On 2 CPU cores its part of a step costs about what the tower's 32 images do (glamm-shapes: 0.19 s a step with
+# the boxes of 8 images, 0.09 s without; 4 images were hardly cheaper), hence not every step.
+REGION_IMAGES = 4
+REGION_EVERY = 2
 
 
 @dataclass
@@ -53,10 +58,15 @@ class VisionPretrainResult:
     patch_accuracy: dict[str, float]  # on object patches of held-out images
     object_accuracy: dict[str, float]  # pooled over each object's patches
     position_accuracy: dict[str, float] | None = None  # row/column of every held-out patch (position_weight > 0)
+    # GLaMM, region_weight > 0: share of held-out boxes whose region vector is nearest (of the 72 full names'
+    # embeddings) to its own object's name
+    region_name_accuracy: float | None = None
 
     def to_dict(self) -> dict:
         d = dict(steps=self.steps, seconds=round(self.seconds, 1), final_loss=round(self.final_loss, 4),
                  patch_accuracy=self.patch_accuracy, object_accuracy=self.object_accuracy)
+        if self.region_name_accuracy is not None:
+            d["region_name_accuracy"] = self.region_name_accuracy
         if self.position_accuracy is not None:
             d["position_accuracy"] = self.position_accuracy
         return d
@@ -175,9 +185,11 @@ class _Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.heads(x)[0]
 
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(attribute logits (B, N, sum(CLASSES)), position logits (B, N, 2 * grid) or None)."""
-        h = self.features(x)
+    def heads(self, x: torch.Tensor | None, h: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(attribute logits (B, N, sum(CLASSES)), position logits (B, N, 2 * grid) or None), from the inputs
+        ``x`` or from their features ``h`` when already computed."""
+        h = self.features(x) if h is None else h
         h = F.layer_norm(h, h.shape[-1:])
         return self.linear(h), (self.position(h) if self.position is not None else None)
 
@@ -234,21 +246,86 @@ def _accuracy(head: _Head, x: torch.Tensor, y: torch.Tensor, batch: int = 64) ->
             {n: round(float(v / max(obj_n, 1)), 4) for n, v in zip(names, obj_ok)})
 
 
+class _Regions:
+    """GLaMM's region encoder in the stage (``region_weight`` > 0): every object's box of every cached image, and
+    the token id of its full name (" large red circle"), whose embedding its region vector is pulled to."""
+
+    def __init__(self, model, seed: int, count: int, image_size: int):
+        from ..datasets.shapes import COLORS, SHAPES, SIZES, ShapesWorld
+        from .probes import name_token_tables
+
+        if not hasattr(model, "encode_regions"):
+            raise ValueError("region pretraining needs a model with a region encoder (GLaMM)")
+        _, full = name_token_tables(model.tokenizer)
+        self.model, self.full = model, full
+        world = ShapesWorld(seed=seed, image_size=image_size)
+        self.boxes, self.names = [], []
+        for i in range(count):
+            item = world.image(i)
+            h, w = item.image.shape[:2]
+            self.boxes.append(torch.tensor([o.box for o in item.objects], dtype=torch.float32)
+                              / torch.tensor([w, h, w, h], dtype=torch.float32))
+            self.names.append(torch.tensor([int(full[list(SIZES).index(o.size) + 1, list(COLORS).index(o.color) + 1,
+                                                     SHAPES.index(o.shape) + 1]) for o in item.objects]))
+
+    def embeddings(self) -> torch.Tensor:
+        return self.model.vlm.language_model.get_input_embeddings().weight.detach()
+
+    def tower_pass(self, x: torch.Tensor, select_layer: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One tower pass: the stage head's features and the region encoder's CLIP levels."""
+        out = self.model.vlm.vision_tower(pixel_values=x, output_hidden_states=True)
+        return out.hidden_states[select_layer][:, 1:], [out.hidden_states[i][:, 1:] for i in self.model.region_levels]
+
+    def vectors(self, levels: list[torch.Tensor], idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = levels[0].device
+        enc = self.model.region_encoder
+        feats = enc([lv.to(enc.dtype) for lv in levels], [self.boxes[i].to(device) for i in idx]).features
+        return torch.cat(feats), torch.cat([self.names[i] for i in idx]).to(device)
+
+    def loss(self, levels: list[torch.Tensor], idx: list[int]) -> torch.Tensor:
+        from .probes import name_alignment_loss
+
+        vec, ids = self.vectors(levels, idx)
+        return name_alignment_loss(vec, ids, self.embeddings().to(vec.device))
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, offset: int, select_layer: int, batch: int = 64) -> float:
+        """Held-out images ``x`` (cache indices ``offset...``): share of boxes nearest to their own name."""
+        emb = self.embeddings()
+        names = self.full[self.full >= 0].flatten().to(emb.device)
+        table = emb[names].float()
+        ok = n = 0
+        for i in range(0, len(x), batch):
+            _, levels = self.tower_pass(x[i:i + batch].float(), select_layer)
+            vec, ids = self.vectors(levels, list(range(offset + i, offset + i + len(levels[0]))))
+            nearest = names[torch.cdist(vec.float(), table).argmin(1)]
+            ok += int((nearest == ids).sum())
+            n += len(ids)
+        return round(ok / max(n, 1), 4)
+
+
 def pretrain_vision(model, steps: int, batch_size: int = 32, lr: float = 1e-3, images: int = 8000, seed: int = 0,
                     image_size: int = 256, held_out: int = 200, device: torch.device | str = "cpu",
-                    log=print, position_weight: float = 0.0) -> VisionPretrainResult:
+                    log=print, position_weight: float = 0.0, region_weight: float = 0.0) -> VisionPretrainResult:
     """Train ``model``'s vision tower in place for ``steps`` steps (see the module doc); returns held-out accuracies
     on ``held_out`` images of the same seed that the stage never trained on. Deterministic for a seed on CPU.
-    ``position_weight`` > 0 adds :func:`position_loss` (a third linear head reads each patch's row and column)."""
+    ``position_weight`` > 0 adds :func:`position_loss` (a third linear head reads each patch's row and column).
+    ``region_weight`` > 0 (GLaMM, with one-token object names) trains the region encoder too, on the same tower
+    pass: each object's box gives a region vector, pulled to the LLM's embedding of the object's full name
+    (``train.probes.name_alignment_loss``), so that the main run's LLM meets region vectors that already read as
+    names."""
     spec = vision_tower(model)
     tower = spec.module
     t0 = time.perf_counter()
     x, y = make_images(spec, seed, images + held_out, image_size)
     xt, yt = x[images:], y[images:]
     x, y = x[:images], y[:images]
+    regions = _Regions(model, seed, images + held_out, image_size) if region_weight > 0 else None
     gen = torch.Generator().manual_seed(seed)
     head = _Head(spec, position=position_weight > 0)
     head.to(device)  # the tower too; accelerate.prepare moves the rest of the model later
+    if regions is not None:
+        head.regions = model.region_encoder.to(device)  # trained with the head (its parameters join the optimizer)
     if not spec.crop:  # SAM2's encoding also runs its decoder's high-resolution convolutions
         model.grounding_encoder.to(device)
     was_training = tower.training
@@ -268,9 +345,16 @@ def pretrain_vision(model, steps: int, batch_size: int = 32, lr: float = 1e-3, i
         for g in optimizer.param_groups:
             g["lr"] = lr * scale
         idx = torch.randint(len(x), (batch_size,), generator=gen)
-        logits, pos = head.heads(x[idx].to(device).float())
+        if regions is None or step % REGION_EVERY:
+            logits, pos = head.heads(x[idx].to(device).float())
+        else:
+            h, levels = regions.tower_pass(x[idx].to(device).float(), model.config.vision.select_layer)
+            logits, pos = head.heads(None, h)
         patch, obj = attribute_losses(logits, y[idx].to(device).flatten(2))
         loss = patch + OBJECT_WEIGHT * obj
+        if regions is not None and not step % REGION_EVERY:
+            k = min(REGION_IMAGES, len(idx))
+            loss = loss + region_weight * regions.loss([lv[:k] for lv in levels], idx[:k].tolist())
         if pos is not None:
             loss = loss + position_weight * position_loss(pos, spec.grid)
         optimizer.zero_grad(set_to_none=True)
@@ -284,13 +368,22 @@ def pretrain_vision(model, steps: int, batch_size: int = 32, lr: float = 1e-3, i
     tower.eval()
     patch_acc, obj_acc = _accuracy(head, xt.to(device), yt.to(device)) if held_out else ({}, {})
     pos_acc = _position_accuracy(head, xt.to(device)) if held_out and position_weight > 0 else None
+    region_acc = None
+    if regions is not None:
+        enc_was = model.region_encoder.training
+        model.region_encoder.eval()
+        region_acc = regions.accuracy(xt.to(device), images, model.config.vision.select_layer) if held_out else None
+        model.region_encoder.train(enc_was)
+        del head.regions  # the encoder stays in the model; only the head is thrown away
     for p, r in zip(params, requires):
         p.requires_grad_(r)
     tower.train(was_training)
-    result = VisionPretrainResult(steps, time.perf_counter() - t0, loss_value, patch_acc, obj_acc, pos_acc)
+    result = VisionPretrainResult(steps, time.perf_counter() - t0, loss_value, patch_acc, obj_acc, pos_acc,
+                                  region_acc)
     if log:
         log(f"vision pretraining: done in {result.seconds:.0f} s; held-out object accuracy {obj_acc}"
-            + (f", patch position accuracy {pos_acc}" if pos_acc else ""))
+            + (f", patch position accuracy {pos_acc}" if pos_acc else "")
+            + (f", region name accuracy {region_acc}" if region_acc is not None else ""))
     return result
 
 
