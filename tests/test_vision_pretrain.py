@@ -210,19 +210,18 @@ def test_stage_with_a_region_weight_pulls_region_vectors_to_their_names():
     tok = load_tokenizer(ASSETS / "shapes-demo")
     torch.manual_seed(0)
     model = build_model(preset_config("glamm-shapes"), tok)
-    regions = _Regions(model, seed=3, count=4, image_size=96)
+    regions = _Regions(model)
+    x, _ = make_images(vision_tower(model), 3, 24, 96, each=regions.add)
     item = ShapesWorld(seed=3, image_size=96).image(2)  # the cached boxes and names are the objects' own
     assert [tok.decode([int(t)]) for t in regions.names[2]] == [f" {o.size} {o.color} {o.shape}" for o in item.objects]
     assert torch.allclose(regions.boxes[2] * 96, torch.tensor([o.box for o in item.objects], dtype=torch.float32))
 
     def distance() -> float:
-        x, _ = make_images(vision_tower(model), 3, 24, 96)
         with torch.no_grad():
             _, levels = regions.tower_pass(x.float(), model.config.vision.select_layer)
             vec, ids = regions.vectors(levels, list(range(24)))
             return float(name_alignment_loss(vec, ids, regions.embeddings()))
 
-    regions = _Regions(model, seed=3, count=24, image_size=96)
     llm = {k: v.clone() for k, v in model.vlm.language_model.state_dict().items()}
     before = distance()
     result = pretrain_vision(model, 30, batch_size=8, lr=3e-3, images=20, seed=3, image_size=96, held_out=4,

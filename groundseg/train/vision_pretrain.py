@@ -132,16 +132,18 @@ def shapes_patch_labels(item, grid: int, crop: bool = True) -> np.ndarray:
     return crop_grid_labels(both, grid) if crop else frame_grid_labels(both, grid)
 
 
-def make_images(tower: Tower, seed: int, count: int, image_size: int = 256, offset: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def make_images(tower: Tower, seed: int, count: int, image_size: int = 256, offset: int = 0,
+                each: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` shapes-world images of ``seed`` (indices ``offset...``) as the tower's inputs (float16, to halve
-    the cache) and their (4, g, g) patch labels."""
+    the cache) and their (4, g, g) patch labels. ``each``, if given, is called with every generated image."""
     from ..datasets.shapes import ShapesWorld
 
     world = ShapesWorld(seed=seed, image_size=image_size)
     xs, ys = [], []
     for i in range(offset, offset + count):
         item = world.image(i)
+        if each is not None:
+            each(item)
         xs.append(tower.preprocess(item.image).half())
         ys.append(torch.from_numpy(shapes_patch_labels(item, tower.grid, tower.crop)))
     return torch.stack(xs), torch.stack(ys)
@@ -250,23 +252,25 @@ class _Regions:
     """GLaMM's region encoder in the stage (``region_weight`` > 0): every object's box of every cached image, and
     the token id of its full name (" large red circle"), whose embedding its region vector is pulled to."""
 
-    def __init__(self, model, seed: int, count: int, image_size: int):
-        from ..datasets.shapes import COLORS, SHAPES, SIZES, ShapesWorld
+    def __init__(self, model):
         from .probes import name_token_tables
 
         if not hasattr(model, "encode_regions"):
             raise ValueError("region pretraining needs a model with a region encoder (GLaMM)")
-        _, full = name_token_tables(model.tokenizer)
-        self.model, self.full = model, full
-        world = ShapesWorld(seed=seed, image_size=image_size)
-        self.boxes, self.names = [], []
-        for i in range(count):
-            item = world.image(i)
-            h, w = item.image.shape[:2]
-            self.boxes.append(torch.tensor([o.box for o in item.objects], dtype=torch.float32)
-                              / torch.tensor([w, h, w, h], dtype=torch.float32))
-            self.names.append(torch.tensor([int(full[list(SIZES).index(o.size) + 1, list(COLORS).index(o.color) + 1,
-                                                     SHAPES.index(o.shape) + 1]) for o in item.objects]))
+        _, self.full = name_token_tables(model.tokenizer)
+        self.model = model
+        self.boxes: list[torch.Tensor] = []  # per cached image, in cache order (see add)
+        self.names: list[torch.Tensor] = []
+
+    def add(self, item) -> None:
+        """Record a cached image's boxes (normalised xyxy) and their objects' name ids (``make_images``' ``each``)."""
+        from ..datasets.shapes import COLORS, SHAPES, SIZES
+
+        h, w = item.image.shape[:2]
+        self.boxes.append(torch.tensor([o.box for o in item.objects], dtype=torch.float32)
+                          / torch.tensor([w, h, w, h], dtype=torch.float32))
+        self.names.append(torch.tensor([int(self.full[list(SIZES).index(o.size) + 1, list(COLORS).index(o.color) + 1,
+                                                      SHAPES.index(o.shape) + 1]) for o in item.objects]))
 
     def embeddings(self) -> torch.Tensor:
         return self.model.vlm.language_model.get_input_embeddings().weight.detach()
@@ -317,10 +321,10 @@ def pretrain_vision(model, steps: int, batch_size: int = 32, lr: float = 1e-3, i
     spec = vision_tower(model)
     tower = spec.module
     t0 = time.perf_counter()
-    x, y = make_images(spec, seed, images + held_out, image_size)
+    regions = _Regions(model) if region_weight > 0 else None
+    x, y = make_images(spec, seed, images + held_out, image_size, each=regions.add if regions is not None else None)
     xt, yt = x[images:], y[images:]
     x, y = x[:images], y[:images]
-    regions = _Regions(model, seed, images + held_out, image_size) if region_weight > 0 else None
     gen = torch.Generator().manual_seed(seed)
     head = _Head(spec, position=position_weight > 0)
     head.to(device)  # the tower too; accelerate.prepare moves the rest of the model later
