@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 def collect(model, images: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[float, float]]:
     from groundseg.datasets.shapes import COLORS, SHAPES, ShapesWorld
+    from groundseg.train.vision_pretrain import shapes_patch_labels
 
     world = ShapesWorld(seed=seed)
     feats: dict[str, list[torch.Tensor]] = {k: [] for k in ("region vector", "pooled", "RoI mean", "image tokens",
@@ -31,16 +32,17 @@ def collect(model, images: int, seed: int) -> tuple[dict[str, torch.Tensor], tor
     with torch.no_grad():
         for i in range(images):
             s = world.image(i)
-            tokens, levels = model._encode_clip(model.clip_preprocess(s.image)[None])
+            tokens, levels = model.vlm.encode_images_with_levels(model.clip_preprocess(s.image)[None],
+                                                                 model.region_levels)
             h, w = s.image.shape[:2]
             boxes = torch.tensor([o.box for o in s.objects], dtype=torch.float32) / torch.tensor([w, h, w, h])
             out = model.encode_regions(levels, [boxes])
             norms.append((out.pooled.norm(dim=1).mean().item(), out.pos.norm(dim=1).mean().item()))
             g = int(round(tokens.shape[1] ** 0.5))
+            ids = torch.from_numpy(shapes_patch_labels(s, g)[3].reshape(-1))  # object id at each patch centre
             side = min(h, w)  # the tower sees the centre square (shapes images are square)
-            centres = ((np.arange(g) + 0.5) * side / g).astype(int)
             for k, o in enumerate(s.objects):
-                cells = torch.from_numpy(o.mask[centres][:, centres].reshape(-1))
+                cells = ids == o.id
                 if not cells.any():  # an object between patch centres: the patch under its centre
                     cells = torch.zeros(g * g, dtype=torch.bool)
                     cells[min(g - 1, int(o.center[1] * g / side)) * g + min(g - 1, int(o.center[0] * g / side))] = True

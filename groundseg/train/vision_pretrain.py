@@ -349,9 +349,9 @@ def pretrain_vision(model, steps: int, batch_size: int = 32, lr: float = 1e-3, i
         for g in optimizer.param_groups:
             g["lr"] = lr * scale
         idx = torch.randint(len(x), (batch_size,), generator=gen)
-        if regions is None or step % REGION_EVERY:
+        if regions is None:
             logits, pos = head.heads(x[idx].to(device).float())
-        else:
+        else:  # the same single tower pass, keeping the region encoder's levels too
             h, levels = regions.tower_pass(x[idx].to(device).float(), model.config.vision.select_layer)
             logits, pos = head.heads(None, h)
         patch, obj = attribute_losses(logits, y[idx].to(device).flatten(2))
